@@ -1,0 +1,41 @@
+"""Prompt lookup (n-gram) drafting: continue the latest earlier occurrence of the current suffix.
+
+No model at all. An index maps every n-gram (min_ngram <= n <= max_ngram) of the committed tokens to
+the position after its most recent occurrence, updated incrementally, so a proposal costs O(max_ngram)
+Python work whatever the sequence length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specsweep.drafters.base import Draft, Drafter
+
+
+class PromptLookupDrafter(Drafter):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def reset(self, prompt_ids: torch.Tensor) -> None:
+        self.tokens: list[int] = []
+        self.next_after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
+
+    def _extend(self, ids: torch.Tensor) -> None:
+        start = len(self.tokens)
+        self.tokens.extend(ids[0, start:].tolist())
+        tokens = self.tokens
+        # an n-gram ending just before position e is indexed once tokens[e] exists
+        for e in range(max(start, 1), len(tokens)):
+            for n in range(self.min_ngram, min(self.max_ngram, e) + 1):
+                self.next_after[tuple(tokens[e - n:e])] = e
+
+    def propose(self, ids: torch.Tensor, max_tokens: int) -> Draft:
+        self._extend(ids)
+        tokens, length = self.tokens, len(self.tokens)
+        for n in range(min(self.max_ngram, length), self.min_ngram - 1, -1):
+            start = self.next_after.get(tuple(tokens[length - n:]))
+            if start is not None:
+                return Draft(torch.tensor(tokens[start:start + max_tokens], dtype=torch.long, device=ids.device))
+        return Draft(ids.new_empty(0))

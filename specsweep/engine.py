@@ -1,0 +1,147 @@
+"""The decode loop: prefill, draft, verify in one target forward, accept, roll the KV cache back.
+
+``Engine.generate`` times exactly what seed 000 times: from the prompt ids entering the function to
+its return at the token limit or EOS, the draft included, the device synchronised before each clock
+read; detokenisation is the caller's business.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from specsweep.cache import truncate
+from specsweep.drafters.base import Drafter
+from specsweep.sampling import Sampling, sample
+from specsweep.verify import verify_greedy, verify_stochastic
+
+
+@dataclass
+class SampleStats:
+    """Counters of one generation (definitions in README / DESIGN.md)."""
+
+    new_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_steps: int = 0  # target forwards after the prefill
+    wall_s: float = 0.0
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    accepted_per_step: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    output_ids: list[int]
+    stats: SampleStats
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+class Engine:
+    """Speculative decoding of one target with one drafter (``drafter=None``: autoregressive)."""
+
+    def __init__(
+        self,
+        target,
+        drafter: Drafter | None,
+        draft_length: int,
+        sampling: Sampling,
+        max_new_tokens: int,
+        eos_token_ids: list[int],
+        generator: torch.Generator | None = None,
+    ):
+        if max_new_tokens < 1:
+            raise ValueError(f"decode.max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.target, self.drafter = target, drafter
+        self.draft_length = draft_length if drafter is not None else 0
+        self.sampling, self.max_new_tokens = sampling, max_new_tokens
+        self.eos = set(eos_token_ids)
+        self.device = target.device
+        self.generator = generator  # shared with a sampling drafter: one random stream per run
+
+    def _choose(self, logits: torch.Tensor) -> int:
+        if self.sampling.greedy:
+            return int(logits.argmax(-1))
+        return int(sample(self.sampling.probabilities(logits), self.generator))
+
+    def _verify(self, logits: torch.Tensor, draft) -> tuple[int, int]:
+        if self.sampling.greedy:
+            return verify_greedy(logits, draft.tokens)
+        p = self.sampling.probabilities(logits)
+        return verify_stochastic(p, draft.tokens, draft.probs, self.generator)
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: torch.Tensor) -> Generation:
+        """``prompt_ids`` [1, P] long on the target's device -> the new tokens and their counters."""
+        stats, clock, sync = SampleStats(), time.perf_counter, lambda: synchronize(self.device)
+        limit, prompt_len = self.max_new_tokens, prompt_ids.shape[1]
+        # committed tokens live in one preallocated buffer: no per-step concatenation
+        ids = torch.empty(1, prompt_len + limit + 1, dtype=torch.long, device=self.device)
+        ids[:, :prompt_len] = prompt_ids
+        sync()
+        start = clock()
+
+        cache = DynamicCache(config=self.target.config)
+        logits = self.target(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        token = self._choose(logits[0, -1])
+        output = [token]
+        ids[0, prompt_len] = token
+        if self.drafter is not None:
+            self.drafter.reset(prompt_ids)
+        sync()
+        stats.prefill_s = clock() - start
+
+        while len(output) < limit and token not in self.eos:
+            length = prompt_len + len(output)
+            t0 = clock()
+            # never draft past the limit: every accepted token is then kept (EOS aside)
+            k = min(self.draft_length, limit - len(output) - 1)
+            draft = self.drafter.propose(ids[:, :length], k) if k > 0 else None
+            n = 0 if draft is None else draft.tokens.numel()
+            sync()
+            t1 = clock()
+            step_input = ids[:, length - 1:length]  # the root: committed, not yet in the target's cache
+            if n:
+                step_input = torch.cat([step_input, draft.tokens.view(1, -1)], dim=1)
+            cache_len = length - 1
+            logits = self.target(input_ids=step_input, past_key_values=cache, use_cache=True).logits[0]
+            if n:
+                accepted, token = self._verify(logits, draft)
+                truncate(cache, cache_len + 1 + accepted)  # drop the rejected tokens' KV
+                new = draft.tokens[:accepted].tolist() + [token]
+            else:
+                accepted, token = 0, self._choose(logits[-1])
+                new = [token]
+            if self.drafter is not None and k > 0:
+                self.drafter.on_verified(accepted)
+            for i, t in enumerate(new):  # stop at the first EOS, even inside the accepted draft
+                if t in self.eos:
+                    new, accepted = new[: i + 1], min(accepted, i + 1)
+                    break
+            new = new[: limit - len(output)]
+            token = new[-1]
+            ids[0, length:length + len(new)] = torch.tensor(new, device=self.device)
+            output.extend(new)
+            sync()
+            t2 = clock()
+            stats.draft_s += t1 - t0
+            stats.verify_s += t2 - t1
+            stats.verify_steps += 1
+            stats.draft_tokens += n
+            stats.accepted_tokens += accepted
+            stats.accepted_per_step.append(accepted)
+
+        sync()
+        stats.wall_s = clock() - start
+        stats.new_tokens = len(output)
+        return Generation(output, stats)

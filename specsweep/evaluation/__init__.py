@@ -1,0 +1,1 @@
+"""Scoring generated outputs: HumanEval pass@1 with sandboxed execution."""

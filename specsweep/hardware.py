@@ -1,0 +1,55 @@
+"""Hardware profile -> torch device, dtype and thread settings, refusing impossible requests early."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specsweep.errors import SpecsweepError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: torch.device
+    dtype: torch.dtype
+    attn_implementation: str
+
+    def describe(self) -> dict:
+        info = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "attn_implementation": self.attn_implementation, "torch_threads": torch.get_num_threads()}
+        if self.device.type == "cuda":
+            info["device_name"] = torch.cuda.get_device_name(self.device)
+        return info
+
+
+def _npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401  (registers the "npu" device)
+    except ImportError:
+        return False
+    return torch.npu.is_available()
+
+
+def resolve(cfg) -> Hardware:
+    """``cfg``: the hardware config group (device, dtype, attn_implementation, threads)."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "npu" if _npu_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SpecsweepError(f"hardware.device={device}: this torch ({torch.__version__}) sees no CUDA device")
+    if kind == "npu" and not _npu_available():
+        raise SpecsweepError(f"hardware.device={device}: torch_npu is not installed or sees no NPU (pip install .[npu])")
+    if kind not in ("cpu", "cuda", "npu"):
+        raise SpecsweepError(f"hardware.device={device}: unknown device (cpu, cuda, npu or auto)")
+    dtype_name = cfg.dtype
+    if dtype_name == "auto":
+        dtype_name = "float32" if kind == "cpu" else "bfloat16"
+    if dtype_name not in DTYPES:
+        raise SpecsweepError(f"hardware.dtype={dtype_name}: choose one of {', '.join(DTYPES)} or auto")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation)

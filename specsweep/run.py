@@ -1,0 +1,99 @@
+"""The decode job: config -> models -> engine -> per-sample records -> results files.
+
+Everything that can be checked cheaply (options, paths, tree, decode settings, tokenizers) is checked
+before a model is loaded or a token generated.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from specsweep import datasets, hardware, models
+from specsweep.drafters import BuildContext, build_drafter, model_paths
+from specsweep.engine import Engine
+from specsweep.errors import SpecsweepError
+from specsweep.metrics import summarize
+from specsweep.results import METRICS, SAMPLES, environment, write_json, write_jsonl
+from specsweep.sampling import Sampling
+
+log = logging.getLogger(__name__)
+
+
+def decoding_settings(cfg: DictConfig) -> tuple[Sampling, int]:
+    """Validated sampling settings and the draft length (the chain's depth)."""
+    try:
+        sampling = Sampling(float(cfg.decode.temperature), int(cfg.decode.top_k), float(cfg.decode.top_p))
+    except ValueError as err:
+        raise SpecsweepError(str(err)) from None
+    if cfg.decode.max_new_tokens < 1:
+        raise SpecsweepError(f"decode.max_new_tokens must be >= 1, got {cfg.decode.max_new_tokens}")
+    if cfg.tree.shape != "chain":
+        raise SpecsweepError(f"tree={cfg.tree.name}: the decode engine verifies chains only (tree=chain)")
+    if int(cfg.tree.depth) < 1:
+        raise SpecsweepError(f"tree.depth must be >= 1, got {cfg.tree.depth}")
+    return sampling, int(cfg.tree.depth)
+
+
+def run_decode(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
+    sampling, draft_length = decoding_settings(cfg)
+    prompts = datasets.load_prompts(cfg.dataset)
+    hw = hardware.resolve(cfg.hardware)
+    paths = {"target.path": cfg.target.path, **model_paths(cfg.draft)}
+    model_dirs = {k: models.resolve_model_dir(v, k, cfg.cache_dir, cfg.download) for k, v in paths.items()}
+
+    tokenizer = models.load_tokenizer(model_dirs["target.path"])
+    encoded = [datasets.encode_prompt(tokenizer, r, cfg.dataset.prompt_format) for r in prompts]
+    target = models.load_model(model_dirs["target.path"], hw.dtype, hw.device, hw.attn_implementation)
+    generator = torch.Generator(device=hw.device)
+    ctx = BuildContext(target, tokenizer, sampling, generator, hw, model_dirs)
+    drafter = build_drafter(cfg.draft, ctx)
+    engine = Engine(target, drafter, draft_length, sampling, cfg.decode.max_new_tokens,
+                    models.eos_token_ids(target, tokenizer), generator)
+
+    header = {"config": OmegaConf.to_container(cfg, resolve=True), "choices": choices,
+              "hardware": hw.describe(), **environment()}
+    samples, stats = [], []
+    with _progress() as progress:
+        task = progress.add_task("decoding", total=len(prompts), rate="")
+        for index, (record, prompt_ids) in enumerate(zip(prompts, encoded)):
+            generator.manual_seed(cfg.seed + index)  # each sample reproducible on its own
+            ids = torch.tensor([prompt_ids], dtype=torch.long, device=hw.device)
+            result = engine.generate(ids)
+            stats.append(result.stats)
+            samples.append({
+                "task_id": record["task_id"],
+                "prompt_ids": prompt_ids,
+                "output_ids": result.output_ids,
+                "text": tokenizer.decode(result.output_ids, skip_special_tokens=True),
+                **vars(result.stats),
+            })
+            write_jsonl(run_dir / SAMPLES, samples)  # rewritten whole, atomically: never half a file
+            done = summarize(stats)
+            progress.update(task, advance=1, rate=f"{done['tokens_per_s']:.1f} tok/s")
+
+    metrics = {**summarize(stats), **header}
+    write_json(run_dir / METRICS, metrics)
+    Console().print(metrics_table(metrics, choices))
+    return metrics
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+
+
+def metrics_table(metrics: dict, choices: dict) -> Table:
+    title = " ".join(f"{k}={v}" for k, v in choices.items())
+    table = Table("metric", "value", title=title)
+    for key in ("samples", "new_tokens", "tokens_per_s", "acceptance_rate", "acceptance_length",
+                "tokens_per_target_forward", "draft_tokens", "accepted_tokens", "wall_s", "draft_s", "verify_s"):
+        value = metrics[key]
+        table.add_row(key, "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
+    return table

@@ -1,0 +1,111 @@
+"""The app as a user runs it: `python -m specsweep ...` in a subprocess, on tiny local models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    rows = [{"task_id": "a", "prompt": "def add(a, b):\n    return"}, {"prompt": "import os\nimport"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def specsweep(*args, cwd):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "specsweep", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def base_args(model_dirs, prompts, tmp_path):
+    return ["target=local", f"target.path={model_dirs['target']}", "dataset=jsonl", f"dataset.path={prompts}",
+            "decode.max_new_tokens=12", "hardware=cpu", f"cache_dir={tmp_path / 'cache'}"]
+
+
+def test_single_run_writes_the_results_contract(model_dirs, prompts, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = specsweep(*base_args(model_dirs, prompts, tmp_path), "draft=model", f"draft.path={model_dirs['draft']}",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("tokens_per_s", "acceptance_rate", "acceptance_length", "tokens_per_target_forward", "draft_tokens",
+                "accepted_tokens", "new_tokens", "target_forwards", "wall_s", "draft_s", "verify_s",
+                "choices", "git_commit", "torch", "transformers", "hardware", "config"):
+        assert key in metrics, key
+    assert metrics["choices"]["draft"] == "model" and metrics["samples"] == 2
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["task_id"] for s in samples] == ["a", "prompts/1"]
+    assert all(len(s["output_ids"]) == s["new_tokens"] <= 12 and s["prompt_ids"] for s in samples)
+    assert sum(s["new_tokens"] for s in samples) == metrics["new_tokens"]
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_multirun_summarises_every_job_and_reports_failures(model_dirs, prompts, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = specsweep("-m", *base_args(model_dirs, prompts, tmp_path), "draft=none,model,prompt-lookup",
+                     f"++draft.path={model_dirs['draft']}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [(r["draft"], r["status"]) for r in rows] == [("none", "ok"), ("model", "ok"), ("prompt-lookup", "ok")]
+    assert float(rows[0]["speedup"]) == 1.0 and float(rows[1]["speedup"]) > 0
+    assert "sweep summary" in proc.stdout
+
+    # one failing job: the others still complete, the summary names it, the exit status says so
+    sweep = tmp_path / "sweep-fail"
+    proc = specsweep("-m", *base_args(model_dirs, prompts, tmp_path), "draft=none,model",
+                     f"++draft.path={model_dirs['alien']}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 1
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert "tokenizer differs" in rows[1]["error"]
+    assert not (sweep / "1" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("draft=nonexistent", "Could not find 'draft/nonexistent'"),
+    ("draft.path=/no/such/model", "draft.path=/no/such/model: no such model directory"),
+    ("dataset.path=/no/such/file.jsonl", "dataset.path=/no/such/file.jsonl: no such file"),
+    ("decode.top_p=1.5", "decode.top_p must be in (0, 1]"),
+    ("hardware=cuda", "sees no CUDA device"),
+])
+def test_bad_input_fails_fast_with_one_clear_line(model_dirs, prompts, tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    args = [*base_args(model_dirs, prompts, tmp_path), "draft=model", f"draft.path={model_dirs['draft']}"]
+    if override.startswith("hardware=cuda"):
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    proc = specsweep(*args, override, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_tokenizer_mismatch_is_refused_before_generation(model_dirs, prompts, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = specsweep(*base_args(model_dirs, prompts, tmp_path), "draft=model", f"draft.path={model_dirs['alien']}",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("specsweep: error: draft.path=")
+    assert "tokenizer differs" in proc.stderr
+    assert not (run_dir / "samples.jsonl").exists()
+
+
+def test_hub_id_offline_names_the_setting(model_dirs, prompts, tmp_path):
+    proc = specsweep(*base_args(model_dirs, prompts, tmp_path), "draft=160m", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "draft.path=JackFram/llama-160m: not in the local Hugging Face cache" in proc.stderr
+    assert "download=true" in proc.stderr

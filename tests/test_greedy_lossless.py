@@ -1,0 +1,83 @@
+"""Greedy speculative decoding reproduces the target's own greedy output, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specsweep.drafters.model import ModelDrafter
+from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.engine import Engine
+from specsweep.sampling import Sampling
+from tests.conftest import perturbed_copy, tiny_llama
+
+GREEDY = Sampling()
+
+
+def autoregressive(target, prompt, limit, eos=()):
+    return Engine(target, None, 0, GREEDY, limit, list(eos)).generate(prompt).output_ids
+
+
+def hf_greedy(target, prompt, limit, eos=()):
+    out = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=limit, min_new_tokens=0,
+                          eos_token_id=list(eos) or None, pad_token_id=0)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def prompt_for(seed, vocab, length=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, length), generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+def test_model_draft_matches_autoregressive_and_hf(seed, gamma):
+    target = tiny_llama(seed)
+    draft = perturbed_copy(target, noise=0.5, seed=seed + 100)  # agrees often, not always
+    prompt = prompt_for(seed, target.config.vocab_size)
+    for limit in (1, 7, 40):
+        expected = autoregressive(target, prompt, limit)
+        assert expected == hf_greedy(target, prompt, limit)
+        result = Engine(target, ModelDrafter(draft, GREEDY), gamma, GREEDY, limit, []).generate(prompt)
+        assert result.output_ids == expected
+        assert result.stats.new_tokens == len(expected) == limit
+
+
+def test_unrelated_draft_is_still_lossless():
+    target, draft = tiny_llama(3), tiny_llama(4)
+    prompt = prompt_for(3, 96)
+    expected = autoregressive(target, prompt, 50)
+    result = Engine(target, ModelDrafter(draft, GREEDY), 4, GREEDY, 50, []).generate(prompt)
+    assert result.output_ids == expected
+    assert result.stats.accepted_tokens < result.stats.draft_tokens
+
+
+@pytest.mark.parametrize("gamma", [2, 5])
+def test_eos_in_the_middle_stops_like_hf(gamma):
+    target = tiny_llama(5)
+    draft = perturbed_copy(target, noise=0.3, seed=7)
+    prompt = prompt_for(5, 96)
+    free = autoregressive(target, prompt, 60)
+    eos = free[len(free) // 2]  # a token the target emits mid-way: generation must stop at its first use
+    expected = free[: free.index(eos) + 1]
+    assert autoregressive(target, prompt, 60, [eos]) == expected == hf_greedy(target, prompt, 60, [eos])
+    for drafter in (ModelDrafter(draft, GREEDY), PromptLookupDrafter(3, 1)):
+        assert Engine(target, drafter, gamma, GREEDY, 60, [eos]).generate(prompt).output_ids == expected
+
+
+@pytest.mark.parametrize("gamma", [1, 4, 10])
+def test_prompt_lookup_matches_autoregressive(gamma):
+    target = tiny_llama(6, vocab=16)  # small vocab: repeats, so lookups hit
+    prompt = prompt_for(6, 16, length=30)
+    expected = autoregressive(target, prompt, 80)
+    result = Engine(target, PromptLookupDrafter(3, 1), gamma, GREEDY, 80, []).generate(prompt)
+    assert result.output_ids == expected
+    assert result.stats.accepted_tokens > 0
+
+
+def test_engine_is_reusable_across_prompts():
+    target = tiny_llama(8)
+    engine = Engine(target, ModelDrafter(perturbed_copy(target, 0.5, 9), GREEDY), 4, GREEDY, 30, [])
+    for seed in range(3):
+        prompt = prompt_for(seed, 96, length=5 + 7 * seed)
+        assert engine.generate(prompt).output_ids == autoregressive(target, prompt, 30)

@@ -1,0 +1,94 @@
+"""A Hydra multirun through the repo's `hydra/launcher=slurm` profile on a real SLURM cluster.
+
+Needs a running cluster (locally: `launchers/local-slurm.sh`). Skipped with the reason when
+`sinfo` is missing or no node is usable; set SPECSWEEP_REQUIRE_SLURM=1 (CI does, after starting
+the local cluster) to turn those skips into failures.
+
+    pytest -m slurm tests/test_slurm.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+CONF = REPO / "conf"
+APP = TESTS / "slurm_app" / "app.py"
+USABLE = {"idle", "mixed"}  # node states in which a new 1-CPU job starts right away
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("SPECSWEEP_REQUIRE_SLURM") == "1":
+        pytest.fail(f"SPECSWEEP_REQUIRE_SLURM=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> list[str]:
+    """Skips (or fails, see module doc) unless `sinfo` answers with at least one usable node."""
+    if shutil.which("sinfo") is None:
+        _unavailable("sinfo not found: no SLURM here (start one with launchers/local-slurm.sh)")
+    try:
+        proc = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        _unavailable("sinfo timed out: slurmctld not answering (launchers/local-slurm.sh status)")
+    if proc.returncode != 0:
+        _unavailable(f"sinfo failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    nodes = [line.split() for line in proc.stdout.splitlines() if line.strip()]
+    usable = [name for name, state in nodes if state in USABLE]
+    if not usable:
+        _unavailable(f"no SLURM node idle (sinfo: {nodes or 'no nodes'})")
+    return usable
+
+
+def test_multirun_2x2_runs_every_job_under_slurm(slurm_cluster, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    cmd = [
+        sys.executable, str(APP), "-m",
+        f"hydra.searchpath=[{CONF.as_uri()}]",
+        "hydra/launcher=slurm",
+        f"hydra.sweep.dir={sweep_dir}",
+        # tiny jobs: no need to hold 4 GB or an hour of the node each
+        "hydra.launcher.timeout_min=5",
+        "hydra.launcher.mem_gb=1",
+        "a=1,2",
+        "b=x,y",
+    ]
+    # drop an enclosing job's SLURM_* (if pytest runs inside one), keep the client's config
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith("SLURM_") or k in ("SLURM_CONF", "SLURM_CLUSTERS")
+    }
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, f"sweep failed\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+    records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json")]
+    assert sorted((r["a"], r["b"]) for r in records) == [(1, "x"), (1, "y"), (2, "x"), (2, "y")], (
+        f"expected one result per grid point in {sweep_dir}; stderr:\n{proc.stderr}"
+    )
+    outer = os.environ.get("SLURM_JOB_ID")  # set when pytest itself runs inside a SLURM job
+    job_ids = {r["slurm_job_id"] for r in records}
+    assert None not in job_ids, f"a job ran outside SLURM: {records}"
+    assert outer not in job_ids, "jobs report the test's own SLURM job id, not their own"
+    assert len(job_ids) == 4, f"expected 4 distinct SLURM jobs, got {sorted(job_ids)}"
+    # one array job, one task per grid point, in Hydra's job order
+    assert len({r["slurm_array_job_id"] for r in records}) == 1
+    assert sorted(int(r["slurm_array_task_id"]) for r in records) == [0, 1, 2, 3]
+    assert all(r["slurm_cpus_per_task"] == "1" for r in records)
+    assert all(r["hydra_job_id"].startswith(r["slurm_array_job_id"] + "_") for r in records)
+    # submitit's scripts and logs land under the sweep dir (submitit_folder in slurm.yaml)
+    scripts = list((sweep_dir / ".submitit").glob("*/*_submission.sh"))
+    assert scripts, f"no submitit folder under {sweep_dir}"
+    text = scripts[0].read_text()
+    assert "#SBATCH --mem=1GB" in text and "#SBATCH --time=5" in text
