@@ -213,7 +213,9 @@ def test_project_files_cannot_be_removed_or_touched(protected, sentinel_dir):
 
 
 def test_repo_root_is_hidden(protected):
-    completion = UNGUARD + f"    assert os.listdir({str(REPO)!r}) == []\n" + CANONICAL_P0
+    # covered by an empty tmpfs, or gone altogether when it lies under the sandbox's fresh /tmp
+    repo = str(REPO)
+    completion = UNGUARD + f"    assert not os.path.exists({repo!r}) or os.listdir({repo!r}) == []\n" + CANONICAL_P0
     assert score(P0, completion)["passed"]
 
 
