@@ -28,7 +28,7 @@ def run_job(cfg: DictConfig, run_dir: Path, choices: dict):
     if cfg.job == "tree_attention":
         from specsweep.attention.benchmark import run
 
-        return run(cfg.bench)
+        return run(cfg.bench, run_dir)
     raise SpecsweepError(f"job={cfg.job}: unknown job (decode, tree_attention)")
 
 

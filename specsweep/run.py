@@ -52,7 +52,7 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
     encoded = [datasets.encode_prompt(tokenizer, r, cfg.dataset.prompt_format) for r in prompts]
     target = models.load_model(model_dirs["target.path"], hw.dtype, hw.device, hw.attn_implementation)
     generator = torch.Generator(device=hw.device)
-    ctx = BuildContext(target, tokenizer, sampling, generator, hw, model_dirs)
+    ctx = BuildContext(target, tokenizer, sampling, generator, hw, model_dirs, Path(cfg.cache_dir))
     drafter = build_drafter(cfg.draft, ctx)
     engine = Engine(target, drafter, draft_length, sampling, cfg.decode.max_new_tokens,
                     models.eos_token_ids(target, tokenizer), generator)
@@ -78,7 +78,7 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
             done = summarize(stats)
             progress.update(task, advance=1, rate=f"{done['tokens_per_s']:.1f} tok/s")
 
-    metrics = {**summarize(stats), **header}
+    metrics = {**summarize(stats), "draft_counters": drafter.counters() if drafter else {}, **header}
     write_json(run_dir / METRICS, metrics)
     Console().print(metrics_table(metrics, choices))
     return metrics

@@ -13,6 +13,7 @@ import torch
 from scipy.stats import chisquare
 
 from specsweep import engine as engine_module
+from specsweep.drafters.bigram import BigramDrafter, BigramTable
 from specsweep.drafters.model import ModelDrafter
 from specsweep.engine import Engine
 from specsweep.sampling import Sampling, sample
@@ -81,9 +82,9 @@ def exact_law(target, prompt, positions, sampling):
     return table.flatten()
 
 
-def engine_counts(target, draft, sampling, prompt, samples):
+def engine_counts(target, make_drafter, sampling, prompt, samples):
     generator = torch.Generator().manual_seed(0)
-    eng = Engine(target, ModelDrafter(draft, sampling, generator), 2, sampling, 3, [], generator)
+    eng = Engine(target, make_drafter(generator), 2, sampling, 3, [], generator)
     counts = torch.zeros(V, V)
     for _ in range(samples):
         out = eng.generate(prompt).output_ids
@@ -91,15 +92,24 @@ def engine_counts(target, draft, sampling, prompt, samples):
     return counts.flatten()
 
 
-def test_engine_samples_from_the_target(monkeypatch):
+@pytest.mark.parametrize("draft_kind", ["model", "bigram"])
+def test_engine_samples_from_the_target(monkeypatch, draft_kind):
     target, draft = tiny_llama(11, vocab=V, init=0.6), tiny_llama(12, vocab=V, init=0.6)
     sampling = Sampling(temperature=1.0)
+    if draft_kind == "model":  # samples from its own q
+        def make_drafter(generator):
+            return ModelDrafter(draft, sampling, generator)
+    else:  # deterministic: the successor of each token is fixed (one-hot q)
+        table = BigramTable(torch.tensor([[3], [0], [5], [1], [2], [4]]), torch.ones(V, 1))
+
+        def make_drafter(generator):
+            return BigramDrafter(table, V)
     prompt = torch.tensor([[1, 4, 2, 5]])
     expected = exact_law(target, prompt, 3, sampling)
-    good = engine_counts(target, draft, sampling, prompt, 1200)
+    good = engine_counts(target, make_drafter, sampling, prompt, 1200)
     assert chisquare(good, expected * good.sum()).pvalue > ALPHA
     monkeypatch.setattr(engine_module, "verify_stochastic", broken_no_residual)
-    bad = engine_counts(target, draft, sampling, prompt, 1200)
+    bad = engine_counts(target, make_drafter, sampling, prompt, 1200)
     assert chisquare(bad, expected * bad.sum()).pvalue < ALPHA
 
 

@@ -12,7 +12,7 @@ from specsweep.errors import SpecsweepError
 from specsweep.hardware import Hardware
 from specsweep.sampling import Sampling
 
-KINDS = ("none", "prompt_lookup", "model")
+KINDS = ("none", "prompt_lookup", "model", "bigram", "layer_skip", "cascade")
 
 
 @dataclass
@@ -25,25 +25,42 @@ class BuildContext:
     generator: torch.Generator
     hardware: Hardware
     model_dirs: dict[str, Path]  # config setting (e.g. "draft.path") -> resolved local dir
+    cache_dir: Path
+
+
+def _check_kind(cfg, prefix: str) -> None:
+    if cfg.get("kind") not in KINDS:
+        raise SpecsweepError(f"{prefix}.kind={cfg.get('kind')}: unknown draft kind; known: {', '.join(KINDS)}")
 
 
 def model_paths(cfg, prefix: str = "draft") -> dict[str, str]:
     """Every model a draft config needs, as {setting: path}, so paths are checked before any loading."""
-    if cfg.kind not in KINDS:
-        raise SpecsweepError(f"draft.kind={cfg.kind}: unknown draft kind; known: {', '.join(KINDS)}")
-    return {f"{prefix}.path": cfg.path} if cfg.kind == "model" else {}
+    _check_kind(cfg, prefix)
+    if cfg.kind == "model":
+        return {f"{prefix}.path": cfg.path}
+    if cfg.kind == "cascade":
+        paths = {}
+        for i, level in enumerate(cfg.levels):
+            paths.update(model_paths(level, f"{prefix}.levels.{i}"))
+        return paths
+    return {}
 
 
 def build_drafter(cfg, ctx: BuildContext, prefix: str = "draft") -> Drafter | None:
+    _check_kind(cfg, prefix)
+    try:
+        return _build(cfg, ctx, prefix)
+    except ValueError as err:  # constructor argument checks
+        raise SpecsweepError(f"{prefix}: {err}") from None
+
+
+def _build(cfg, ctx: BuildContext, prefix: str) -> Drafter | None:
     if cfg.kind == "none":
         return None
     if cfg.kind == "prompt_lookup":
         from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 
-        try:
-            return PromptLookupDrafter(max_ngram=cfg.max_ngram, min_ngram=cfg.min_ngram)
-        except ValueError as err:
-            raise SpecsweepError(f"{prefix}: {err}") from None
+        return PromptLookupDrafter(max_ngram=cfg.max_ngram, min_ngram=cfg.min_ngram)
     if cfg.kind == "model":
         from specsweep.drafters.model import ModelDrafter
         from specsweep.models import check_same_tokenizer, load_model, load_tokenizer
@@ -51,8 +68,26 @@ def build_drafter(cfg, ctx: BuildContext, prefix: str = "draft") -> Drafter | No
         model_dir = ctx.model_dirs[f"{prefix}.path"]
         check_same_tokenizer(ctx.tokenizer, load_tokenizer(model_dir), f"{prefix}.path={cfg.path}")
         model = load_model(model_dir, ctx.hardware.dtype, ctx.hardware.device, ctx.hardware.attn_implementation)
-        return ModelDrafter(model, ctx.sampling, ctx.generator)
-    raise SpecsweepError(f"draft.kind={cfg.kind}: unknown draft kind; known: {', '.join(KINDS)}")
+        return ModelDrafter(model, ctx.sampling, ctx.generator, cfg.get("confidence_threshold"))
+    if cfg.kind == "bigram":
+        from specsweep.drafters import bigram
+
+        table = (bigram.load_csdrafting_json(cfg.table) if cfg.get("table")
+                 else bigram.build_table(ctx.tokenizer, cfg.corpus, ctx.cache_dir))
+        return bigram.BigramDrafter(table, len(ctx.tokenizer))
+    if cfg.kind == "layer_skip":
+        from specsweep.drafters.layer_skip import layer_skip_drafter
+
+        return layer_skip_drafter(ctx.target, cfg, ctx.sampling, ctx.generator)
+    if cfg.kind == "cascade":
+        from specsweep.drafters.cascade import CascadeDrafter, check_k_matrix
+
+        check_k_matrix(cfg.k_matrix, len(cfg.levels))  # before any level loads a model
+        levels = [build_drafter(level, ctx, f"{prefix}.levels.{i}") for i, level in enumerate(cfg.levels)]
+        if any(level is None for level in levels):
+            raise SpecsweepError(f"{prefix}.levels: kind none cannot be a cascade level")
+        return CascadeDrafter(levels, [level.name for level in cfg.levels], cfg.k_matrix)
+    raise AssertionError(cfg.kind)
 
 
 __all__ = ["BuildContext", "Draft", "Drafter", "build_drafter", "model_paths", "KINDS"]

@@ -1,0 +1,143 @@
+"""The draft zoo (bigram, layer-skip, cascade): lossless, and each with its clear errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from specsweep.drafters.bigram import BigramDrafter, BigramTable, count_bigrams, load_csdrafting_json
+from specsweep.drafters.cascade import CascadeDrafter
+from specsweep.drafters.layer_skip import kept_layers, layer_skip_drafter
+from specsweep.drafters.model import ModelDrafter
+from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.engine import Engine
+from specsweep.errors import SpecsweepError
+from specsweep.sampling import Sampling
+from tests.conftest import perturbed_copy, tiny_llama
+
+GREEDY = Sampling()
+
+
+def autoregressive(target, prompt, limit):
+    return Engine(target, None, 0, GREEDY, limit, []).generate(prompt).output_ids
+
+
+def table_from_target(target, vocab):
+    """A bigram table from the target's own greedy continuations: a draft that is often right."""
+    sequences = [autoregressive(target, torch.tensor([[t]]), 30) for t in range(0, vocab, 3)]
+    return count_bigrams(sequences, vocab)
+
+
+def test_count_bigrams_ranks_successors_by_frequency():
+    table = count_bigrams([[1, 2, 1, 2, 1, 3], [1, 2, 0]], vocab_size=4, top_k=2)
+    assert table.successors[1].tolist() == [2, 3]
+    assert torch.allclose(table.probs[1], torch.tensor([0.75, 0.25]))
+    assert table.successors[3].tolist() == [3, 3] and table.probs[3].sum() == 0  # never followed: itself
+    with pytest.raises(SpecsweepError, match="empty corpus"):
+        count_bigrams([[5]], vocab_size=8)
+
+
+def test_bigram_draft_is_lossless_and_accepts():
+    target = tiny_llama(20, vocab=32, init=0.5)
+    drafter = BigramDrafter(table_from_target(target, 32), 32)
+    for seed in range(3):
+        prompt = torch.randint(0, 32, (1, 8), generator=torch.Generator().manual_seed(seed))
+        result = Engine(target, drafter, 4, GREEDY, 40, []).generate(prompt)
+        assert result.output_ids == autoregressive(target, prompt, 40)
+    assert result.stats.accepted_tokens > 0
+
+
+def test_bigram_table_for_another_vocabulary_is_refused(tmp_path):
+    path = tmp_path / "next_token.json"
+    path.write_text(json.dumps([1, 2, 0]))
+    table = load_csdrafting_json(str(path))
+    assert table.successors[:, 0].tolist() == [1, 2, 0]
+    with pytest.raises(SpecsweepError, match="built for another tokenizer"):
+        BigramDrafter(table, 32000)
+    path.write_text(json.dumps({"a": 1}))
+    with pytest.raises(SpecsweepError, match="CS-Drafting format"):
+        load_csdrafting_json(str(path))
+
+
+def reduced_copy(model, kept):
+    """An independent model holding only the kept layers (re-indexed): the reference for the view."""
+    ref = copy.deepcopy(model)
+    ref.model.layers = torch.nn.ModuleList([ref.model.layers[i] for i in kept])
+    for i, layer in enumerate(ref.model.layers):
+        layer.self_attn.layer_idx = i
+    ref.config.num_hidden_layers = len(kept)
+    return ref
+
+
+@pytest.mark.parametrize("cfg, kept", [({"exit_layer": 2}, [0, 1]), ({"skip_layers": [0, 2]}, [1, 3])])
+def test_layer_skip_view_is_the_reduced_model_sharing_weights(cfg, kept):
+    target = tiny_llama(21, layers=4, init=0.5)
+    drafter = layer_skip_drafter(target, OmegaConf.create(cfg), GREEDY, None)
+    assert all(a is b for a, b in zip(drafter.model.model.layers, [target.model.layers[i] for i in kept]))
+    assert len(target.model.layers) == 4  # the target itself is untouched
+    prompt = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(0))
+    ref = reduced_copy(target, kept)
+    # the cached incremental drafting equals the reduced model's own greedy decoding
+    drafter.reset(prompt)
+    assert drafter.propose(prompt, 6).tokens.tolist() == autoregressive(ref, prompt, 6)
+    result = Engine(target, drafter, 3, GREEDY, 30, []).generate(prompt)
+    assert result.output_ids == autoregressive(target, prompt, 30)
+
+
+def test_layer_skip_errors():
+    with pytest.raises(SpecsweepError, match="exit_layer=30: out of range"):
+        kept_layers(30, exit_layer=30)
+    with pytest.raises(SpecsweepError, match="exactly one"):
+        kept_layers(30, exit_layer=3, skip_layers=[1])
+    with pytest.raises(SpecsweepError, match="indices must be in 0..29"):
+        kept_layers(30, skip_layers=[31])
+
+
+def test_confidence_threshold_shortens_drafts():
+    target = tiny_llama(22, init=0.5)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    full = ModelDrafter(target, GREEDY)
+    early = ModelDrafter(target, GREEDY, confidence_threshold=0.999)
+    for d in (full, early):
+        d.reset(prompt)
+    assert full.propose(prompt, 5).tokens.numel() == 5
+    assert early.propose(prompt, 5).tokens.numel() < 5
+    result = Engine(target, ModelDrafter(target, GREEDY, confidence_threshold=0.5), 5, GREEDY, 30, []).generate(prompt)
+    assert result.output_ids == autoregressive(target, prompt, 30)
+
+
+@pytest.mark.parametrize("k_matrix", [[[5, 10], [0, 10]], [[2, 3], [0, 4]], [[0, 6], [0, 0]]])
+def test_cascade_is_lossless_and_counts_levels(k_matrix):
+    target = tiny_llama(23, vocab=32, init=0.5)
+    mid = ModelDrafter(perturbed_copy(target, 0.3, 24), GREEDY)
+    cascade = CascadeDrafter([mid, BigramDrafter(table_from_target(target, 32), 32)], ["mid", "bigram"], k_matrix)
+    for seed in range(2):
+        prompt = torch.randint(0, 32, (1, 8), generator=torch.Generator().manual_seed(seed))
+        result = Engine(target, cascade, 15, GREEDY, 50, []).generate(prompt)
+        assert result.output_ids == autoregressive(target, prompt, 50)
+    levels = cascade.counters()["levels"]
+    assert [lv["draft"] for lv in levels] == ["mid", "bigram"]
+    if k_matrix[1][1]:
+        assert levels[0]["checked_tokens"] > 0  # the model level verified bigram proposals
+
+
+def test_three_level_cascade_with_prompt_lookup_at_the_bottom():
+    target = tiny_llama(25, vocab=16, init=0.5)
+    big = ModelDrafter(perturbed_copy(target, 0.2, 26), GREEDY)
+    small = ModelDrafter(perturbed_copy(target, 0.6, 27), GREEDY)
+    cascade = CascadeDrafter([big, small, PromptLookupDrafter(3, 1)], ["big", "small", "pld"],
+                             [[3, 2, 4], [0, 3, 4], [0, 0, 4]])
+    prompt = torch.randint(0, 16, (1, 20), generator=torch.Generator().manual_seed(3))
+    assert Engine(target, cascade, 9, GREEDY, 60, []).generate(prompt).output_ids == autoregressive(target, prompt, 60)
+
+
+def test_k_matrix_shape_must_match_levels():
+    with pytest.raises(SpecsweepError, match="must be 2 x 2"):
+        CascadeDrafter([PromptLookupDrafter(), PromptLookupDrafter()], ["a", "b"], [[1, 2, 3]])
+    with pytest.raises(SpecsweepError, match="row 0 must propose"):
+        CascadeDrafter([PromptLookupDrafter(), PromptLookupDrafter()], ["a", "b"], [[0, 0], [0, 1]])
+
