@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import traceback
@@ -10,17 +11,29 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from specsweep import summary
 from specsweep.errors import SpecsweepError
-from specsweep.results import ERROR, write_json
+from specsweep.results import ERROR, METRICS, git_commit, write_json
 
 log = logging.getLogger("specsweep")
 GROUPS = ("target", "draft", "tree", "dataset", "decode", "hardware", "logger", "experiment")
 
 
+def finished(cfg: DictConfig, run_dir: Path) -> bool:
+    """A job whose results exist for the same resolved config and the same code is not run again."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return False
+    done = json.loads(path.read_text())
+    return done.get("config") == OmegaConf.to_container(cfg, resolve=True) and done.get("git_commit") == git_commit()
+
+
 def run_job(cfg: DictConfig, run_dir: Path, choices: dict):
+    if finished(cfg, run_dir):
+        log.info("results for this configuration and code exist in %s: not running it again", run_dir)
+        return json.loads((run_dir / METRICS).read_text())
     if cfg.job == "decode":
         from specsweep.run import run_decode
 
@@ -29,6 +42,10 @@ def run_job(cfg: DictConfig, run_dir: Path, choices: dict):
         from specsweep.attention.benchmark import run
 
         return run(cfg.bench, run_dir)
+    if cfg.job == "layer_skip_search":
+        from specsweep.layer_search import run
+
+        return run(cfg, run_dir)
     raise SpecsweepError(f"job={cfg.job}: unknown job (decode, tree_attention)")
 
 
@@ -37,6 +54,7 @@ def app(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     choices = {g: hydra_cfg.runtime.choices[g] for g in GROUPS if hydra_cfg.runtime.choices.get(g)}
+    (run_dir / ERROR).unlink(missing_ok=True)  # a re-run replaces an earlier failure
     try:
         return run_job(cfg, run_dir, choices)
     except Exception as err:

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from specsweep.cache import truncate
-from specsweep.drafters.base import Drafter
+from specsweep.cache import compact, truncate
+from specsweep.drafters.base import Draft, Drafter
 from specsweep.sampling import Sampling, sample
-from specsweep.verify import verify_greedy, verify_stochastic
+from specsweep.tree import DynamicTreeSpec, Tree
+from specsweep.verify import verify_greedy, verify_stochastic, verify_tree_greedy, verify_tree_stochastic
 
 
 @dataclass
@@ -48,13 +49,17 @@ def synchronize(device: torch.device) -> None:
 
 
 class Engine:
-    """Speculative decoding of one target with one drafter (``drafter=None``: autoregressive)."""
+    """Speculative decoding of one target with one drafter (``drafter=None``: autoregressive).
+
+    ``shape`` is the draft per step: an int (a chain of that many tokens), a `Tree` or a
+    `DynamicTreeSpec`. Trees are verified in one target forward with a tree attention mask.
+    """
 
     def __init__(
         self,
         target,
         drafter: Drafter | None,
-        draft_length: int,
+        shape: int | Tree | DynamicTreeSpec,
         sampling: Sampling,
         max_new_tokens: int,
         eos_token_ids: list[int],
@@ -63,7 +68,10 @@ class Engine:
         if max_new_tokens < 1:
             raise ValueError(f"decode.max_new_tokens must be >= 1, got {max_new_tokens}")
         self.target, self.drafter = target, drafter
-        self.draft_length = draft_length if drafter is not None else 0
+        if drafter is None:
+            self.shape = None  # autoregressive: nothing to draft
+        else:
+            self.shape = Tree.chain(shape) if isinstance(shape, int) else shape
         self.sampling, self.max_new_tokens = sampling, max_new_tokens
         self.eos = set(eos_token_ids)
         self.device = target.device
@@ -74,11 +82,39 @@ class Engine:
             return int(logits.argmax(-1))
         return int(sample(self.sampling.probabilities(logits), self.generator))
 
-    def _verify(self, logits: torch.Tensor, draft) -> tuple[int, int]:
+    def _propose(self, ids: torch.Tensor, room: int) -> Draft:
+        """The drafter's proposal for this step, never deeper than ``room`` tokens."""
+        shape = self.shape
+        if isinstance(shape, Tree) and shape.is_chain:
+            return self.drafter.propose(ids, min(shape.num_nodes, room))
+        if isinstance(shape, DynamicTreeSpec):
+            return self.drafter.propose_tree(ids, DynamicTreeSpec(shape.budget, min(shape.depth, room), shape.k))
+        return self.drafter.propose_tree(ids, shape.truncated(room))
+
+    def _verify_chain(self, logits: torch.Tensor, draft: Draft) -> tuple[list[int], int]:
         if self.sampling.greedy:
-            return verify_greedy(logits, draft.tokens)
-        p = self.sampling.probabilities(logits)
-        return verify_stochastic(p, draft.tokens, draft.probs, self.generator)
+            accepted, token = verify_greedy(logits, draft.tokens)
+        else:
+            p = self.sampling.probabilities(logits)
+            accepted, token = verify_stochastic(p, draft.tokens, draft.probs, self.generator)
+        return list(range(accepted)), token
+
+    def _verify_tree(self, logits: torch.Tensor, draft: Draft) -> tuple[list[int], int]:
+        if self.sampling.greedy:
+            return verify_tree_greedy(logits, draft.tokens, draft.tree)
+        return verify_tree_stochastic(self.sampling.probabilities(logits), draft.tokens, draft.tree, self.generator)
+
+    def _score(self, cache, root: torch.Tensor, draft: Draft | None, cache_len: int) -> torch.Tensor:
+        """One target forward over root + draft -> logits [n + 1, V] (row 0 scores the root)."""
+        if draft is None or draft.tokens.numel() == 0:
+            return self.target(input_ids=root, past_key_values=cache, use_cache=True).logits[0]
+        step_input = torch.cat([root, draft.tokens.view(1, -1)], dim=1)
+        if draft.tree is None:  # a chain: the causal mask is the tree mask
+            return self.target(input_ids=step_input, past_key_values=cache, use_cache=True).logits[0]
+        mask = draft.tree.verify_mask(cache_len, self.target.dtype, self.device)
+        positions = draft.tree.verify_position_ids(cache_len, self.device)
+        return self.target(input_ids=step_input, attention_mask=mask, position_ids=positions,
+                           past_key_values=cache, use_cache=True).logits[0]
 
     @torch.inference_mode()
     def generate(self, prompt_ids: torch.Tensor) -> Generation:
@@ -105,24 +141,23 @@ class Engine:
             length = prompt_len + len(output)
             t0 = clock()
             # never draft past the limit: every accepted token is then kept (EOS aside)
-            k = min(self.draft_length, limit - len(output) - 1)
-            draft = self.drafter.propose(ids[:, :length], k) if k > 0 else None
+            room = limit - len(output) - 1
+            draft = self._propose(ids[:, :length], room) if self.drafter is not None and room > 0 else None
             n = 0 if draft is None else draft.tokens.numel()
             sync()
             t1 = clock()
-            step_input = ids[:, length - 1:length]  # the root: committed, not yet in the target's cache
+            cache_len = length - 1  # the root (last committed token) is not in the target's cache yet
+            logits = self._score(cache, ids[:, cache_len:length], draft, cache_len)
             if n:
-                step_input = torch.cat([step_input, draft.tokens.view(1, -1)], dim=1)
-            cache_len = length - 1
-            logits = self.target(input_ids=step_input, past_key_values=cache, use_cache=True).logits[0]
-            if n:
-                accepted, token = self._verify(logits, draft)
-                truncate(cache, cache_len + 1 + accepted)  # drop the rejected tokens' KV
-                new = draft.tokens[:accepted].tolist() + [token]
+                path, token = (self._verify_chain if draft.tree is None else self._verify_tree)(logits, draft)
+                # keep the root's and the accepted nodes' KV, in sequence order; drop the rest
+                compact(cache, cache_len + 1, [cache_len + 1 + i for i in path])
+                new = draft.tokens[path].tolist() + [token] if path else [token]
             else:
-                accepted, token = 0, self._choose(logits[-1])
+                path, token = [], self._choose(logits[-1])
                 new = [token]
-            if self.drafter is not None and k > 0:
+            accepted = len(path)
+            if draft is not None:
                 self.drafter.on_verified(accepted)
             for i, t in enumerate(new):  # stop at the first EOS, even inside the accepted draft
                 if t in self.eos:

@@ -16,33 +16,39 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from specsweep import datasets, hardware, models
-from specsweep.drafters import BuildContext, build_drafter, model_paths
+from specsweep.drafters import BuildContext, build_drafter, check_tree_support, model_paths
 from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
 from specsweep.metrics import summarize
 from specsweep.results import METRICS, SAMPLES, environment, write_json, write_jsonl
 from specsweep.sampling import Sampling
+from specsweep.tree import DynamicTreeSpec, Tree
 
 log = logging.getLogger(__name__)
 
 
-def decoding_settings(cfg: DictConfig) -> tuple[Sampling, int]:
-    """Validated sampling settings and the draft length (the chain's depth)."""
+def decoding_settings(cfg: DictConfig) -> tuple[Sampling, Tree | DynamicTreeSpec]:
+    """Validated sampling settings and the draft shape of every step."""
     try:
         sampling = Sampling(float(cfg.decode.temperature), int(cfg.decode.top_k), float(cfg.decode.top_p))
+        shape = Tree.from_config(cfg.tree)
     except ValueError as err:
         raise SpecsweepError(str(err)) from None
     if cfg.decode.max_new_tokens < 1:
         raise SpecsweepError(f"decode.max_new_tokens must be >= 1, got {cfg.decode.max_new_tokens}")
-    if cfg.tree.shape != "chain":
-        raise SpecsweepError(f"tree={cfg.tree.name}: the decode engine verifies chains only (tree=chain)")
-    if int(cfg.tree.depth) < 1:
-        raise SpecsweepError(f"tree.depth must be >= 1, got {cfg.tree.depth}")
-    return sampling, int(cfg.tree.depth)
+    check_tree_support(cfg.draft, shape)
+    return sampling, shape
+
+
+def shape_record(shape: Tree | DynamicTreeSpec) -> dict:
+    """The draft shape in metrics.json: node budget and depth (what seed 001 plots against)."""
+    if isinstance(shape, DynamicTreeSpec):
+        return {"tree_nodes": shape.budget, "tree_depth": shape.depth}
+    return {"tree_nodes": shape.num_nodes, "tree_depth": shape.depth}
 
 
 def run_decode(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
-    sampling, draft_length = decoding_settings(cfg)
+    sampling, shape = decoding_settings(cfg)
     prompts = datasets.load_prompts(cfg.dataset)
     hw = hardware.resolve(cfg.hardware)
     paths = {"target.path": cfg.target.path, **model_paths(cfg.draft)}
@@ -54,10 +60,10 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
     generator = torch.Generator(device=hw.device)
     ctx = BuildContext(target, tokenizer, sampling, generator, hw, model_dirs, Path(cfg.cache_dir))
     drafter = build_drafter(cfg.draft, ctx)
-    engine = Engine(target, drafter, draft_length, sampling, cfg.decode.max_new_tokens,
+    engine = Engine(target, drafter, shape, sampling, cfg.decode.max_new_tokens,
                     models.eos_token_ids(target, tokenizer), generator)
 
-    header = {"config": OmegaConf.to_container(cfg, resolve=True), "choices": choices,
+    header = {**shape_record(shape), "config": OmegaConf.to_container(cfg, resolve=True), "choices": choices,
               "hardware": hw.describe(), **environment()}
     samples, stats = [], []
     with _progress() as progress:

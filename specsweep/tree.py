@@ -180,7 +180,23 @@ class Tree:
 
     def children(self, i: int) -> tuple[int, ...]:
         """Children of node ``i`` (``i = -1`` for the root), in node order."""
-        return tuple(j for j, p in enumerate(self.parents) if p == i)
+        return self.child_lists[i + 1]
+
+    @cached_property
+    def child_lists(self) -> tuple[tuple[int, ...], ...]:
+        """``child_lists[i + 1]``: children of node i (index 0: the root's), computed once."""
+        lists: list[list[int]] = [[] for _ in range(self.num_nodes + 1)]
+        for j, p in enumerate(self.parents):
+            lists[p + 1].append(j)
+        return tuple(tuple(c) for c in lists)
+
+    def truncated(self, depth: int) -> Tree:
+        """The nodes up to ``depth`` (parents precede children, so indices stay consistent)."""
+        keep = [i for i, d in enumerate(self.depths) if d <= depth]
+        if len(keep) == self.num_nodes:
+            return self
+        index = {old: new for new, old in enumerate(keep)}
+        return Tree(tuple(index.get(self.parents[i], -1) for i in keep), tuple(self.ranks[i] for i in keep))
 
     @property
     def is_chain(self) -> bool:

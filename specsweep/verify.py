@@ -50,3 +50,61 @@ def verify_stochastic(
             residual = residual / total if total > 0 else p[i]
             return i, int(sample(residual, generator))
     return n, int(sample(p[n], generator))
+
+
+def _walk(tree, choose_child) -> tuple[list[int], int]:
+    """Descend from the root while ``choose_child(node) -> (child or None, token)`` accepts a child."""
+    path, node = [], -1
+    while True:
+        child, token = choose_child(node)
+        if child is None:
+            return path, token
+        path.append(child)
+        node = child
+
+
+def verify_tree_greedy(target_logits: torch.Tensor, tokens: torch.Tensor, tree) -> tuple[list[int], int]:
+    """Longest root-to-node path whose tokens equal the target's argmax at each parent.
+
+    ``target_logits`` [n + 1, V]: row 0 scores the root, row 1 + i node i. Returns the accepted node
+    indices (root to deepest) and the target's next token after them.
+    """
+    choice = target_logits.argmax(-1).tolist()
+    node_tokens = tokens.tolist()
+
+    def choose_child(node):
+        want = choice[node + 1]
+        for child in tree.children(node):
+            if node_tokens[child] == want:
+                return child, want
+        return None, want
+
+    return _walk(tree, choose_child)
+
+
+def verify_tree_stochastic(p: torch.Tensor, tokens: torch.Tensor, tree,
+                           generator: torch.Generator | None) -> tuple[list[int], int]:
+    """SpecInfer's multi-step speculative sampling over each node's (deterministic) children.
+
+    ``p`` [n + 1, V]: target distributions (row 0 at the root, row 1 + i at node i). At a node, each
+    child x in rank order is accepted with probability p(x) under the current residual p; on
+    rejection p <- norm(p with x removed) (max(0, p - q) for a one-hot q). If every child fails, the
+    next token is drawn from the residual. The output is distributed exactly as the target's.
+    """
+    node_tokens = tokens.tolist()
+
+    def choose_child(node):
+        residual = p[node + 1]
+        for child in tree.children(node):
+            x = node_tokens[child]
+            if float(torch.rand((), generator=generator, device=p.device)) < float(residual[x]):
+                return child, x
+            rest = residual.clone()
+            rest[x] = 0.0
+            total = rest.sum()
+            if total <= 0:  # x held all the mass, so it could not have been rejected (rounding only)
+                return child, x
+            residual = rest / total
+        return None, int(sample(residual, generator))
+
+    return _walk(tree, choose_child)

@@ -57,3 +57,21 @@ def test_converted_weights_equal_the_gguf(embedded):
     ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+def test_trees_on_the_embedded_model_are_lossless(embedded):
+    from omegaconf import OmegaConf
+
+    from specsweep.drafters.layer_skip import layer_skip_drafter
+    from specsweep.tree import DynamicTreeSpec, Tree
+
+    model, tokenizer = embedded
+    ids = tokenizer(PROMPTS[2], return_tensors="pt").input_ids
+    expected = Engine(model, None, 0, GREEDY, 32, []).generate(ids).output_ids
+    skip = layer_skip_drafter(model, OmegaConf.create({"skip_layers": [14]}), GREEDY, None)
+    medusa = Tree.from_config({"shape": "medusa"})
+    for drafter, shape in ((PromptLookupDrafter(3, 1), medusa), (skip, Tree.binary(3)),
+                           (skip, DynamicTreeSpec(budget=10, depth=4, k=3))):
+        result = Engine(model, drafter, shape, GREEDY, 32, []).generate(ids)
+        assert result.output_ids == expected
+        assert result.stats.accepted_tokens > 0

@@ -11,8 +11,11 @@ from specsweep.drafters.base import Draft, Drafter
 from specsweep.errors import SpecsweepError
 from specsweep.hardware import Hardware
 from specsweep.sampling import Sampling
+from specsweep.tree import DynamicTreeSpec, Tree
 
 KINDS = ("none", "prompt_lookup", "model", "bigram", "layer_skip", "cascade")
+FIXED_TREE_KINDS = ("none", "prompt_lookup", "model", "bigram", "layer_skip")
+DYNAMIC_TREE_KINDS = ("none", "model", "layer_skip")  # growing by draft probability needs a model
 
 
 @dataclass
@@ -31,6 +34,17 @@ class BuildContext:
 def _check_kind(cfg, prefix: str) -> None:
     if cfg.get("kind") not in KINDS:
         raise SpecsweepError(f"{prefix}.kind={cfg.get('kind')}: unknown draft kind; known: {', '.join(KINDS)}")
+
+
+def check_tree_support(cfg, shape: Tree | DynamicTreeSpec) -> None:
+    """Refuse a draft/tree pairing the draft cannot fill, before anything is loaded."""
+    _check_kind(cfg, "draft")
+    if isinstance(shape, Tree) and shape.is_chain:
+        return
+    kinds = DYNAMIC_TREE_KINDS if isinstance(shape, DynamicTreeSpec) else FIXED_TREE_KINDS
+    if cfg.kind not in kinds:
+        tree = "dynamic trees" if isinstance(shape, DynamicTreeSpec) else "trees"
+        raise SpecsweepError(f"draft={cfg.name} cannot fill {tree}; drafts that can: {', '.join(kinds[1:])}")
 
 
 def model_paths(cfg, prefix: str = "draft") -> dict[str, str]:
@@ -90,4 +104,4 @@ def _build(cfg, ctx: BuildContext, prefix: str) -> Drafter | None:
     raise AssertionError(cfg.kind)
 
 
-__all__ = ["BuildContext", "Draft", "Drafter", "build_drafter", "model_paths", "KINDS"]
+__all__ = ["BuildContext", "Draft", "Drafter", "build_drafter", "check_tree_support", "model_paths", "KINDS"]

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from specsweep.drafters.base import Draft, Drafter
+from specsweep.drafters.base import Draft, Drafter, fill_tree
 from specsweep.errors import SpecsweepError
+from specsweep.tree import Tree
 
 TOP_K = 8
 
@@ -145,6 +146,7 @@ class BigramDrafter(Drafter):
                                  f"has {vocab_size}: it was built for another tokenizer")
         self.table = table
         self.next_token = table.successors[:, 0].tolist()  # Python list: O(1) lookups per drafted token
+        self.ranked = None  # per-token successor lists for trees, built on first use
 
     def propose(self, ids: torch.Tensor, max_tokens: int) -> Draft:
         token, tokens = int(ids[0, -1]), []
@@ -152,3 +154,13 @@ class BigramDrafter(Drafter):
             token = self.next_token[token]
             tokens.append(token)
         return Draft(torch.tensor(tokens, dtype=torch.long, device=ids.device))
+
+    def propose_tree(self, ids: torch.Tensor, shape) -> Draft:
+        """Each node's children are the top-k observed successors of its token."""
+        if not isinstance(shape, Tree):
+            raise SpecsweepError("tree=dynamic grows trees by draft probability: use a model draft, or a fixed tree")
+        if self.ranked is None:
+            seen = (self.table.probs > 0).sum(1).clamp(min=1).tolist()
+            self.ranked = [row[:k] for row, k in zip(self.table.successors.tolist(), seen)]
+        root = int(ids[0, -1])
+        return fill_tree(shape, lambda path, k: self.ranked[path[-1] if path else root][:k], ids.device)

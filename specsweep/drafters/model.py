@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from specsweep.cache import truncate
 from specsweep.drafters.base import Draft, Drafter
 from specsweep.sampling import Sampling, sample
+from specsweep.tree import DynamicTreeSpec, Tree
 from specsweep.verify import verify_greedy
 
 
@@ -84,3 +85,93 @@ class ModelDrafter(Drafter):
         logits = self._forward(feed, proposal.numel() + 1)
         accepted, token = verify_greedy(logits, proposal)
         return proposal[:accepted].tolist() + [token]
+
+    # ---- trees: level by level, all nodes of a level in one forward ------------------------------
+
+    @torch.inference_mode()
+    def propose_tree(self, ids: torch.Tensor, shape: Tree | DynamicTreeSpec) -> Draft:
+        """Fill a fixed shape with each parent's top-k tokens, or grow a dynamic tree (EAGLE-2:
+        expand the k likeliest nodes per level, keep the ``budget`` nodes of highest cumulative draft
+        probability). Children are deterministic top-k choices (one-hot q at temperature > 0)."""
+        if isinstance(shape, Tree) and shape.is_chain:
+            return self.propose(ids, shape.num_nodes)
+        root_logits = self._forward(self._sync(ids), 1)[-1]
+        self.root_len = ids.shape[1]
+        self.slots: dict[int, int] = {}  # tree node -> its position in the draft cache
+        try:
+            if isinstance(shape, DynamicTreeSpec):
+                return self._grow(root_logits, shape, ids.device)
+            return self._fill(root_logits, shape, ids.device)
+        finally:
+            truncate(self.cache, self.root_len)  # tree KV is not a sequence: keep the committed prefix only
+
+    def _expand(self, nodes: list[int], tokens: list[int], parents: list[int], depth: int) -> torch.Tensor:
+        """One draft forward over ``nodes`` (all at ``depth``): each sees the prefix, its ancestors, itself."""
+        cache_len = self.cache.get_seq_length()
+        allowed = torch.zeros(len(nodes), cache_len + len(nodes), dtype=torch.bool)
+        allowed[:, :self.root_len] = True
+        for row, node in enumerate(nodes):
+            allowed[row, cache_len + row] = True
+            ancestor = parents[node]
+            while ancestor >= 0:
+                allowed[row, self.slots[ancestor]] = True
+                ancestor = parents[ancestor]
+            self.slots[node] = cache_len + row
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        device = self.model.device
+        position = torch.full((1, len(nodes)), self.root_len - 1 + depth, dtype=torch.long, device=device)
+        feed = torch.tensor([[tokens[n] for n in nodes]], dtype=torch.long, device=device)
+        out = self.model(input_ids=feed, attention_mask=mask[None, None].to(device), position_ids=position,
+                         past_key_values=self.cache, use_cache=True)
+        return out.logits[0]
+
+    def _fill(self, root_logits: torch.Tensor, tree: Tree, device) -> Draft:
+        tokens = [0] * tree.num_nodes
+        logits_of = {-1: root_logits}
+        by_depth: dict[int, list[int]] = {}
+        for node, d in enumerate(tree.depths):
+            by_depth.setdefault(d, []).append(node)
+        for depth in range(1, tree.depth + 1):
+            level = by_depth[depth]
+            for parent in dict.fromkeys(tree.parents[n] for n in level):
+                children = tree.children(parent)
+                top = logits_of[parent].topk(max(tree.ranks[c] for c in children) + 1).indices.tolist()
+                for child in children:
+                    tokens[child] = top[tree.ranks[child]]
+            internal = [n for n in level if tree.children(n)]
+            if internal:
+                rows = self._expand(internal, tokens, list(tree.parents), depth)
+                logits_of.update(zip(internal, rows))
+        return Draft(torch.tensor(tokens, dtype=torch.long, device=device), tree=tree)
+
+    def _grow(self, root_logits: torch.Tensor, spec: DynamicTreeSpec, device) -> Draft:
+        # candidates: token, parent candidate (-1 = root), depth, cumulative log-probability, rank
+        tokens, parents, depths, scores, ranks = [], [], [], [], []
+
+        def add_children(parent: int, logits: torch.Tensor, depth: int) -> None:
+            logp, top = logits.float().log_softmax(-1).topk(spec.k)
+            base = scores[parent] if parent >= 0 else 0.0
+            for rank, (lp, token) in enumerate(zip(logp.tolist(), top.tolist())):
+                tokens.append(token)
+                parents.append(parent)
+                depths.append(depth)
+                scores.append(base + lp)
+                ranks.append(rank)
+
+        add_children(-1, root_logits, 1)
+        frontier = list(range(len(tokens)))
+        for depth in range(2, spec.depth + 1):
+            frontier = sorted(frontier, key=lambda c: -scores[c])[:spec.k]
+            rows = self._expand(frontier, tokens, parents, depth - 1)
+            first_new = len(tokens)
+            for node, row in zip(frontier, rows):
+                add_children(node, row, depth)
+            frontier = list(range(first_new, len(tokens)))
+        # a child never scores above its parent, so the best `budget` (ties: shallower first) keep every ancestor
+        chosen = sorted(sorted(range(len(tokens)), key=lambda c: (-scores[c], depths[c]))[:spec.budget],
+                        key=lambda c: (depths[c], c))
+        index = {c: i for i, c in enumerate(chosen)}
+        tree = Tree(tuple(index[parents[c]] if parents[c] >= 0 else -1 for c in chosen),
+                    tuple(ranks[c] for c in chosen))
+        return Draft(torch.tensor([tokens[c] for c in chosen], dtype=torch.long, device=device), tree=tree)

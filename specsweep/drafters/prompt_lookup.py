@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from specsweep.drafters.base import Draft, Drafter
+from specsweep.drafters.base import Draft, Drafter, fill_tree
+from specsweep.errors import SpecsweepError
+from specsweep.tree import Tree
+
+SUCCESSORS_KEPT = 4  # distinct next tokens remembered per n-gram, for tree drafts
 
 
 class PromptLookupDrafter(Drafter):
@@ -21,6 +25,7 @@ class PromptLookupDrafter(Drafter):
     def reset(self, prompt_ids: torch.Tensor) -> None:
         self.tokens: list[int] = []
         self.next_after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
+        self.successors: dict[tuple[int, ...], list[int]] = {}  # n-gram -> distinct next tokens, latest first
 
     def _extend(self, ids: torch.Tensor) -> None:
         start = len(self.tokens)
@@ -29,7 +34,13 @@ class PromptLookupDrafter(Drafter):
         # an n-gram ending just before position e is indexed once tokens[e] exists
         for e in range(max(start, 1), len(tokens)):
             for n in range(self.min_ngram, min(self.max_ngram, e) + 1):
-                self.next_after[tuple(tokens[e - n:e])] = e
+                key = tuple(tokens[e - n:e])
+                self.next_after[key] = e
+                seen = self.successors.setdefault(key, [])
+                if tokens[e] in seen:
+                    seen.remove(tokens[e])
+                seen.insert(0, tokens[e])
+                del seen[SUCCESSORS_KEPT:]
 
     def propose(self, ids: torch.Tensor, max_tokens: int) -> Draft:
         self._extend(ids)
@@ -39,3 +50,23 @@ class PromptLookupDrafter(Drafter):
             if start is not None:
                 return Draft(torch.tensor(tokens[start:start + max_tokens], dtype=torch.long, device=ids.device))
         return Draft(ids.new_empty(0))
+
+    def propose_tree(self, ids: torch.Tensor, shape) -> Draft:
+        """A node's children: the tokens that followed its longest matching n-grams, latest first."""
+        if not isinstance(shape, Tree):
+            raise SpecsweepError("tree=dynamic grows trees by draft probability: use a model draft, or a fixed tree")
+        self._extend(ids)
+        tail = self.tokens[-self.max_ngram:]
+
+        def candidates(path, k):
+            context = (tail + path)[-self.max_ngram:]
+            ranked: list[int] = []
+            for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
+                for token in self.successors.get(tuple(context[len(context) - n:]), ()):
+                    if token not in ranked:
+                        ranked.append(token)
+                if len(ranked) >= k:
+                    break
+            return ranked[:k]
+
+        return fill_tree(shape, candidates, ids.device)
