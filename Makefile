@@ -35,3 +35,12 @@ test-all: setup
 
 clean:
 	rm -rf $(VENV) outputs multirun
+
+.PHONY: reproduce report
+SCALE ?= quick
+
+reproduce: setup  ## seeds 000 + 001 at SCALE=quick|full|paper -> results/reproduce/$(SCALE)/REPORT.md (resumable)
+	SCALE=$(SCALE) PY=$(PY) bash scripts/reproduce.sh $(ARGS)
+
+report: setup  ## REPORT.md + plots from sweep dirs: make report DIRS="outputs/sweeps/A outputs/sweeps/B" [ARGS=--out DIR]
+	$(PY) -m specsweep.report $(DIRS) $(ARGS)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from specsweep import summary
 from specsweep.errors import SpecsweepError
 from specsweep.results import ERROR, METRICS, git_commit, write_json
+from specsweep.tracking import sweep_group
 
 log = logging.getLogger("specsweep")
 GROUPS = ("target", "draft", "tree", "dataset", "decode", "hardware", "logger", "experiment")
@@ -30,14 +31,14 @@ def finished(cfg: DictConfig, run_dir: Path) -> bool:
     return done.get("config") == OmegaConf.to_container(cfg, resolve=True) and done.get("git_commit") == git_commit()
 
 
-def run_job(cfg: DictConfig, run_dir: Path, choices: dict):
+def run_job(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None):
     if finished(cfg, run_dir):
         log.info("results for this configuration and code exist in %s: not running it again", run_dir)
         return json.loads((run_dir / METRICS).read_text())
     if cfg.job == "decode":
         from specsweep.run import run_decode
 
-        return run_decode(cfg, run_dir, choices)
+        return run_decode(cfg, run_dir, choices, group)
     if cfg.job == "tree_attention":
         from specsweep.attention.benchmark import run
 
@@ -54,9 +55,10 @@ def app(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     choices = {g: hydra_cfg.runtime.choices[g] for g in GROUPS if hydra_cfg.runtime.choices.get(g)}
+    group = sweep_group(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     (run_dir / ERROR).unlink(missing_ok=True)  # a re-run replaces an earlier failure
     try:
-        return run_job(cfg, run_dir, choices)
+        return run_job(cfg, run_dir, choices, group)
     except Exception as err:
         # leave the reason where the sweep summary (and a re-run) will find it
         message = str(err) if isinstance(err, SpecsweepError) else f"{type(err).__name__}: {err}"
@@ -72,6 +74,10 @@ def app(cfg: DictConfig):
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["report"]:  # python -m specsweep report SWEEP_DIR...
+        from specsweep import report
+
+        sys.exit(report.main(sys.argv[2:]))
     app()
     if summary.failed_jobs:
         sys.exit(1)

@@ -133,7 +133,8 @@ def _read_yaml(path: Path) -> dict:
 def add_speedups(jobs: list[Job]) -> None:
     """speedup = tokens/s / tokens/s of the draft=none run with the same target, prompts, decode
     settings, seed and hardware: from the same sweep if it has one, else from another reported
-    sweep run on the same host (e.g. a tree study next to its baseline sweep)."""
+    sweep run on the same machine (host, or GPU model for cluster nodes), e.g. a tree study next to
+    its baseline sweep."""
     def setting(job):
         return json.dumps([job.config.get(k) for k in ("target", "dataset", "decode", "seed")]
                           + [job.choices.get("hardware"), job.value("hardware")], sort_keys=True, default=str)
@@ -147,11 +148,15 @@ def add_speedups(jobs: list[Job]) -> None:
             continue
         candidates = baselines.get(setting(job), [])
         same = [b for b in candidates if b.sweep_dir == job.sweep_dir]
-        near = [b for b in candidates if b.value("host") == job.value("host")]
+        near = [b for b in candidates if _machine(b) == _machine(job)]
         base = (same or near or [None])[0]
         if base:
             job.speedup = job.value("tokens_per_s") / base.value("tokens_per_s")
             job.baseline_sweep = None if same else base.sweep
+
+
+def _machine(job: Job) -> str | None:
+    return _get(job.metrics, "hardware", "device_name") or job.value("host")
 
 
 def draft_nodes(job: Job) -> int | None:
@@ -169,23 +174,22 @@ def draft_nodes(job: Job) -> int | None:
         return tree.get("depth")
 
 
-def tree_label(tree: dict) -> str:
-    shape = tree.get("shape", "?")
+def tree_label(job: Job) -> str:
+    tree, shape = job.tree, job.tree.get("shape", "?")
     if shape == "chain":
         return f"chain γ={tree.get('depth')}"
-    if shape == "kary":
-        return f"kary k={tree.get('k')} depth={tree.get('depth')}"
-    if shape == "binary":
-        return f"binary depth={tree.get('depth')}"
-    if shape == "dynamic":
-        return f"dynamic budget={tree.get('budget')}"
-    return shape + (f" depth≤{tree['depth']}" if tree.get("depth") else "")
+    params = {"kary": f" k={tree.get('k')} depth={tree.get('depth')}", "binary": f" depth={tree.get('depth')}",
+              "dynamic": f" budget={tree.get('budget')} depth={tree.get('depth')} k={tree.get('k')}"}
+    cut = f" depth≤{tree['depth']}" if tree.get("depth") else ""  # medusa/custom cut at a depth
+    label = shape + params.get(shape, cut)
+    nodes = draft_nodes(job)
+    return label if shape == "dynamic" or nodes is None else f"{label}, {nodes} nodes"
 
 
 def strategy(job: Job) -> str:
     if job.draft == "none":
         return "autoregressive (draft=none)"
-    return f"{job.draft}, {tree_label(job.tree)}"
+    return f"{job.draft}, {tree_label(job)}"
 
 
 def pass_at_1(job: Job) -> str:
@@ -197,7 +201,8 @@ def pass_at_1(job: Job) -> str:
 
 def finished_at(job: Job) -> datetime | None:
     if job.value("finished_at"):
-        return datetime.fromisoformat(job.value("finished_at"))
+        when = datetime.fromisoformat(job.value("finished_at"))
+        return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
     path = job.path / METRICS  # copies made with cp -p / rsync -a keep its time
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) if path.is_file() else None
 
@@ -276,11 +281,16 @@ def time_table(jobs: list[Job]) -> list[str]:
 
 
 def tree_jobs(jobs: list[Job]) -> list[Job]:
-    """Drafted runs, when the report varies the draft tree (seed 001's study); else none."""
+    """Drafted runs of the sweeps that vary the draft tree (seed 001's study): a sweep qualifies when
+    one of its drafts ran more than one tree, or a tree other than a chain."""
     drafted = [j for j in jobs if j.ok and j.draft != "none"]
-    shapes = {(j.target, j.draft, j.tree.get("shape"), draft_nodes(j)) for j in drafted}
-    varied = len({s[2] for s in shapes}) > 1 or len(shapes) > len({s[:3] for s in shapes})
-    return sorted(drafted, key=lambda j: (j.target, j.draft, j.tree.get("shape", ""), draft_nodes(j) or 0)) if varied else []
+    study = []
+    for sweep in dict.fromkeys(j.sweep for j in drafted):
+        members = [j for j in drafted if j.sweep == sweep]
+        trees = {(j.target, j.draft, j.tree.get("shape"), draft_nodes(j)) for j in members}
+        if len(trees) > len({t[:2] for t in trees}) or any(t[2] != "chain" for t in trees):
+            study += members
+    return sorted(study, key=lambda j: (j.target, j.draft, j.tree.get("shape", ""), draft_nodes(j) or 0))
 
 
 def acceptance_table(jobs: list[Job]) -> list[str]:
@@ -288,7 +298,7 @@ def acceptance_table(jobs: list[Job]) -> list[str]:
     for j in jobs:
         steps = j.value("verify_steps")
         per_step = j.value("draft_tokens") / steps if steps else None
-        rows.append([j.target, j.draft, j.tree.get("shape"), tree_label(j.tree), draft_nodes(j), _fmt(per_step, 2),
+        rows.append([j.target, j.draft, j.tree.get("shape"), tree_label(j), draft_nodes(j), _fmt(per_step, 2),
                      _fmt(j.value("acceptance_rate")), _fmt(j.value("acceptance_length")),
                      _fmt(j.value("tokens_per_s"), 2), _fmt(j.speedup, 2, "x"), f"{j.sweep}/{j.name}"])
     return _table(["target", "draft", "shape", "tree", "draft tokens (nodes)", "drafted per step",
@@ -338,17 +348,25 @@ def plot_acceptance(jobs: list[Job], path: Path) -> Path:
     lines: dict[tuple, list[Job]] = {}
     for j in jobs:
         lines.setdefault((j.draft, j.tree.get("shape")), []).append(j)
+    # colour = tree shape, line style and marker = draft
+    shapes = list(dict.fromkeys(shape for _, shape in sorted(lines)))
+    drafts = list(dict.fromkeys(draft for draft, _ in sorted(lines)))
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
     for (draft, shape), members in sorted(lines.items()):
         members.sort(key=lambda j: draft_nodes(j) or 0)
         x = [draft_nodes(j) for j in members]
+        linestyle, marker = styles[drafts.index(draft) % len(styles)]
         for ax, key in zip(axes, ("acceptance_rate", "acceptance_length", "tokens_per_s")):
-            ax.plot(x, [j.value(key) for j in members], marker="o", label=f"{draft} · {shape}")
+            ax.plot(x, [j.value(key) for j in members], linestyle=linestyle, marker=marker,
+                    color=f"C{shapes.index(shape) % 10}", label=f"{draft} · {shape}")
     nodes = [draft_nodes(j) for j in jobs if draft_nodes(j)]
     for ax, title in zip(axes, ("acceptance rate", "acceptance length (accepted / verify step)", "tokens/s")):
         ax.set_title(title)
         ax.set_xlabel("draft tokens per step (tree nodes)")
         if nodes and max(nodes) / min(nodes) >= 8:
             ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(nodes)), [str(n) for n in sorted(set(nodes))])  # the budgets run, not 2^k
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"Acceptance vs draft tokens: target {jobs[0].target}")
@@ -371,7 +389,7 @@ def build_report(jobs: list[Job], sweep_dirs: list[Path], out_dir: Path) -> str:
              "accepted draft tokens per verification step (tokens per target forward = length + 1); tokens/s = "
              "new tokens / timed generate seconds; speedup = tokens/s / tokens/s of the draft=none run with the "
              "same target, prompts, decode settings and hardware (same sweep, else another reported sweep "
-             "on the same host, named in the table); pass@1 with n = k = 1 (sandboxed HumanEval).", ""]
+             "on the same machine, named in the table); pass@1 with n = k = 1 (sandboxed HumanEval).", ""]
     for label in dict.fromkeys(j.sweep for j in jobs):
         sweep = [j for j in jobs if j.sweep == label]
         bad = [j for j in sweep if not j.ok]
@@ -458,3 +476,7 @@ def main(argv: list[str]) -> int:
         print(f"W&B report: {message}")
         return 0 if published or message.startswith("skipped") else 1
     return 0
+
+
+if __name__ == "__main__":  # also runnable as `python -m specsweep.report`
+    sys.exit(main(sys.argv[1:]))

@@ -7,6 +7,7 @@ before a model is loaded or a token generated.
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -19,9 +20,11 @@ from specsweep import datasets, hardware, models
 from specsweep.drafters import BuildContext, build_drafter, check_tree_support, model_paths
 from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
+from specsweep.evaluation import pass_at_1
 from specsweep.metrics import summarize
 from specsweep.results import METRICS, SAMPLES, environment, write_json, write_jsonl
 from specsweep.sampling import Sampling
+from specsweep.tracking import make_tracker
 from specsweep.tree import DynamicTreeSpec, Tree
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,9 @@ def shape_record(shape: Tree | DynamicTreeSpec) -> dict:
     return {"tree_nodes": shape.num_nodes, "tree_depth": shape.depth}
 
 
-def run_decode(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
+def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None = None) -> dict:
     sampling, shape = decoding_settings(cfg)
+    evaluate = pass_at_1.enabled(cfg.evaluate, cfg.dataset.name)
     prompts = datasets.load_prompts(cfg.dataset)
     hw = hardware.resolve(cfg.hardware)
     paths = {"target.path": cfg.target.path, **model_paths(cfg.draft)}
@@ -63,10 +67,10 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
     engine = Engine(target, drafter, shape, sampling, cfg.decode.max_new_tokens,
                     models.eos_token_ids(target, tokenizer), generator)
 
-    header = {**shape_record(shape), "config": OmegaConf.to_container(cfg, resolve=True), "choices": choices,
-              "hardware": hw.describe(), **environment()}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    header = {**shape_record(shape), "config": resolved, "choices": choices, "hardware": hw.describe(), **environment()}
     samples, stats = [], []
-    with _progress() as progress:
+    with make_tracker(cfg.logger, resolved, choices, run_dir, group) as tracker, _progress() as progress:
         task = progress.add_task("decoding", total=len(prompts), rate="")
         for index, (record, prompt_ids) in enumerate(zip(prompts, encoded)):
             generator.manual_seed(cfg.seed + index)  # each sample reproducible on its own
@@ -81,11 +85,20 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
                 **vars(result.stats),
             })
             write_jsonl(run_dir / SAMPLES, samples)  # rewritten whole, atomically: never half a file
-            done = summarize(stats)
-            progress.update(task, advance=1, rate=f"{done['tokens_per_s']:.1f} tok/s")
+            tracker.log_sample(index, samples[-1])
+            progress.update(task, advance=1, rate=f"{summarize(stats)['tokens_per_s']:.1f} tok/s")
 
-    metrics = {**summarize(stats), "draft_counters": drafter.counters() if drafter else {}, **header}
-    write_json(run_dir / METRICS, metrics)
+        metrics = {**summarize(stats), "draft_counters": drafter.counters() if drafter else {}, **header}
+        if evaluate:  # after decoding: scoring is outside every timer
+            fields, metrics["evaluation"] = pass_at_1.score_samples(samples, prompts, cfg.evaluation,
+                                                                    cfg.dataset.prompt_format)
+            metrics["pass_at_1"] = metrics["evaluation"]["pass_at_1"]
+            for sample, scored in zip(samples, fields):
+                sample.update(scored)
+            write_jsonl(run_dir / SAMPLES, samples)
+        metrics["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_json(run_dir / METRICS, metrics)
+        tracker.finish(metrics, samples)
     Console().print(metrics_table(metrics, choices))
     return metrics
 
@@ -99,7 +112,10 @@ def metrics_table(metrics: dict, choices: dict) -> Table:
     title = " ".join(f"{k}={v}" for k, v in choices.items())
     table = Table("metric", "value", title=title)
     for key in ("samples", "new_tokens", "tokens_per_s", "acceptance_rate", "acceptance_length",
-                "tokens_per_target_forward", "draft_tokens", "accepted_tokens", "wall_s", "draft_s", "verify_s"):
+                "tokens_per_target_forward", "draft_tokens", "accepted_tokens", "wall_s", "draft_s", "verify_s",
+                "pass_at_1"):
+        if key not in metrics:
+            continue
         value = metrics[key]
         table.add_row(key, "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
     return table

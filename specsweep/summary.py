@@ -18,7 +18,7 @@ from rich.table import Table
 from specsweep.results import ERROR, METRICS
 
 COLUMNS = ("tokens_per_s", "speedup", "acceptance_rate", "acceptance_length", "tokens_per_target_forward",
-           "new_tokens", "draft_s", "verify_s", "wall_s")
+           "new_tokens", "draft_s", "verify_s", "wall_s", "pass_at_1")
 failed_jobs: list[str] = []  # read by __main__ to set the exit status
 
 

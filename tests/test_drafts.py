@@ -141,3 +141,13 @@ def test_k_matrix_shape_must_match_levels():
     with pytest.raises(SpecsweepError, match="row 0 must propose"):
         CascadeDrafter([PromptLookupDrafter(), PromptLookupDrafter()], ["a", "b"], [[0, 0], [0, 1]])
 
+
+
+def test_prompt_lookup_limits_weak_matches():
+    drafter = PromptLookupDrafter(max_ngram=4, min_ngram=1, weak_ngram=3, weak_tokens=1)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 9, 5, 6, 7]])  # last 3 tokens matched earlier: a strong match
+    drafter.reset(ids)
+    assert drafter.propose(ids, 8).tokens.tolist() == [9, 5, 6, 7]
+    weak = torch.tensor([[1, 2, 3, 4, 8, 9, 4]])  # only the 1-gram (4) matches
+    drafter.reset(weak)
+    assert drafter.propose(weak, 8).tokens.tolist() == [8]

@@ -8,6 +8,7 @@ the local cluster) to turn those skips into failures.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -92,3 +93,33 @@ def test_multirun_2x2_runs_every_job_under_slurm(slurm_cluster, tmp_path):
     assert scripts, f"no submitit folder under {sweep_dir}"
     text = scripts[0].read_text()
     assert "#SBATCH --mem=1GB" in text and "#SBATCH --time=5" in text
+
+
+def test_specsweep_sweep_through_slurm_keeps_failures_and_resumes(slurm_cluster, model_dirs, tmp_path):
+    """The real app: a 2x2 grid as a SLURM array; jobs on a missing prompt file fail without
+    taking the others down; after the file appears, re-running the same command completes only them."""
+    good, late = tmp_path / "good.jsonl", tmp_path / "late.jsonl"
+    good.write_text(json.dumps({"prompt": "def add(a, b):\n    return"}) + "\n")
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "specsweep", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep_dir}",
+           "hydra.launcher.timeout_min=10", "hydra.launcher.mem_gb=2", "target=local",
+           f"target.path={model_dirs['target']}", "dataset=jsonl", f"dataset.path={good},{late}",
+           "draft=none,prompt-lookup", "decode.max_new_tokens=8", "hardware=cpu", f"cache_dir={tmp_path / 'cache'}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k in ("SLURM_CONF", "SLURM_CLUSTERS")}
+
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert first.returncode == 1, first.stderr  # some jobs failed, and the exit status says so
+    rows = {r["job"]: r for r in csv.DictReader((sweep_dir / "summary.csv").open())}
+    assert sorted(r["status"] for r in rows.values()) == ["failed", "failed", "ok", "ok"]
+    assert all("late.jsonl: no such file" in r["error"] for r in rows.values() if r["status"] == "failed")
+    done = {job: sweep_dir / job / "metrics.json" for job, r in rows.items() if r["status"] == "ok"}
+    job_ids = {json.loads(p.read_text())["slurm_job_id"] for p in done.values()}
+    assert None not in job_ids and len(job_ids) == 2  # each ran as its own SLURM task
+    stamps = {job: p.stat().st_mtime_ns for job, p in done.items()}
+
+    late.write_text(json.dumps({"prompt": "import os\nimport"}) + "\n")
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert {job: p.stat().st_mtime_ns for job, p in done.items()} == stamps  # finished jobs were not redone

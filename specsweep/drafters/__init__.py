@@ -74,7 +74,7 @@ def _build(cfg, ctx: BuildContext, prefix: str) -> Drafter | None:
     if cfg.kind == "prompt_lookup":
         from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 
-        return PromptLookupDrafter(max_ngram=cfg.max_ngram, min_ngram=cfg.min_ngram)
+        return PromptLookupDrafter(cfg.max_ngram, cfg.min_ngram, cfg.get("weak_ngram", 1), cfg.get("weak_tokens"))
     if cfg.kind == "model":
         from specsweep.drafters.model import ModelDrafter
         from specsweep.models import check_same_tokenizer, load_model, load_tokenizer

@@ -17,10 +17,17 @@ SUCCESSORS_KEPT = 4  # distinct next tokens remembered per n-gram, for tree draf
 
 
 class PromptLookupDrafter(Drafter):
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    """``weak_ngram``/``weak_tokens``: a match shorter than ``weak_ngram`` tokens is often wrong, so
+    it proposes at most ``weak_tokens`` (verifying a token costs the target something even on CPU);
+    a long match proposes the full draft length."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, weak_ngram: int = 1, weak_tokens: int | None = None):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if weak_tokens is not None and weak_tokens < 0:
+            raise ValueError(f"weak_tokens must be >= 0, got {weak_tokens}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.weak_ngram, self.weak_tokens = weak_ngram, weak_tokens
 
     def reset(self, prompt_ids: torch.Tensor) -> None:
         self.tokens: list[int] = []
@@ -48,6 +55,8 @@ class PromptLookupDrafter(Drafter):
         for n in range(min(self.max_ngram, length), self.min_ngram - 1, -1):
             start = self.next_after.get(tuple(tokens[length - n:]))
             if start is not None:
+                if n < self.weak_ngram and self.weak_tokens is not None:
+                    max_tokens = min(max_tokens, self.weak_tokens)
                 return Draft(torch.tensor(tokens[start:start + max_tokens], dtype=torch.long, device=ids.device))
         return Draft(ids.new_empty(0))
 
