@@ -47,7 +47,7 @@ def run_job(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None):
         from specsweep.layer_search import run
 
         return run(cfg, run_dir)
-    raise SpecsweepError(f"job={cfg.job}: unknown job (decode, tree_attention)")
+    raise SpecsweepError(f"job={cfg.job}: unknown job (decode, tree_attention, layer_skip_search)")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -33,11 +33,16 @@ def _npu_available() -> bool:
     return torch.npu.is_available()
 
 
+def pick_device(device: str) -> str:
+    """``auto`` -> cuda, else npu, else cpu; anything else as given."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "npu" if _npu_available() else "cpu"
+
+
 def resolve(cfg) -> Hardware:
     """``cfg``: the hardware config group (device, dtype, attn_implementation, threads)."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "npu" if _npu_available() else "cpu"
+    device = pick_device(cfg.device)
     kind = device.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
         raise SpecsweepError(f"hardware.device={device}: this torch ({torch.__version__}) sees no CUDA device")

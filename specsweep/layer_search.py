@@ -150,8 +150,8 @@ def greedy_search(scorer: AgreementScorer, max_skip: int, max_gamma: int, candid
     """Greedy backward elimination; step k (1..max_skip) skips k layers and contains step k-1's set.
 
     The first round tries every layer. Later rounds try only the ``candidates`` layers whose latest
-    removal score is highest (None: every layer): removing a layer that hurt a lot one round rarely
-    becomes the best choice the next, and this cuts the search's cost several times over.
+    removal score is highest (None: every layer): a layer that hurt a lot one round rarely becomes
+    the best choice the next, and later rounds then cost candidates/layers as much.
     """
     kept, trajectory, latest = list(range(scorer.num_layers)), [], {}
     for step in range(1, max_skip + 1):
@@ -268,8 +268,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
              f"  {_command()}",
              f"Greedy backward elimination, scored on {scorer.positions} continuation tokens of {len(records)} "
              f"{dataset.name} prompts from offset {dataset.offset}.",
-             f"Skips {len(chosen['skipped'])}/{num_layers} layers: in-sample top-1 agreement {chosen['agreement']:.3f}, "
-             f"predicted speedup {chosen['predicted_speedup']:.2f}x at tree.depth={chosen['best_gamma']}.",
+             f"Skips {len(chosen['skipped'])}/{num_layers} layers: in-sample top-1 agreement "
+             f"{chosen['agreement']:.3f}, predicted speedup {chosen['predicted_speedup']:.2f}x "
+             f"at tree.depth={chosen['best_gamma']}.",
              f"Use: python -m specsweep draft={name} tree.depth={chosen['best_gamma']}"]
     config_path = run_dir / f"{name}.yaml"
     text = draft_config_text(name, chosen["skipped"], notes)
@@ -283,8 +284,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
               "calibration": {"dataset": dataset.name, "offset": dataset.offset,
                               "task_ids": [r["task_id"] for r in records]},
               "continuation_tokens": search.continuation_tokens, "positions": scorer.positions,
-              "max_gamma": search.max_gamma, "candidates": search.candidates, "trajectory": trajectory, "early_exit": exits,
-              "chosen": {k: chosen[k] for k in ("skipped", "agreement", "cost_ratio", "best_gamma", "predicted_speedup")},
+              "max_gamma": search.max_gamma, "candidates": search.candidates,
+              "trajectory": trajectory, "early_exit": exits,
+              "chosen": {k: chosen[k] for k in ("skipped", "agreement", "cost_ratio", "best_gamma",
+                                                "predicted_speedup")},
               "draft_config": str(config_path), "installed": None if installed is None else str(installed),
               "hardware": hw.describe(), "wall_s": time.perf_counter() - start}
     write_json(run_dir / SEARCH_JSON, result)

@@ -155,7 +155,9 @@ class Tree:
             return cls.kary(_get(cfg, "k"), _get(cfg, "depth"))
         if shape in ("medusa", "custom"):
             default_file = MEDUSA_TREE_FILE if shape == "medusa" else None
-            return cls.from_paths(_paths_from_config(cfg, default_file))
+            tree = cls.from_paths(_paths_from_config(cfg, default_file))
+            depth = cfg.get("depth")  # optional: the shape's first `depth` levels only
+            return tree.truncated(_require_positive("depth", depth)) if depth is not None else tree
         if shape == "dynamic":
             return DynamicTreeSpec(_get(cfg, "budget"), _get(cfg, "depth"), _get(cfg, "k"))
         raise TreeError(f"unknown tree shape {shape!r}; expected one of {', '.join(SHAPES)}")
