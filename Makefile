@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.specsweep-installed
 ARGS ?=
 
-.PHONY: setup run test test-slurm test-all clean
+.PHONY: setup run test test-slurm test-all bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: setup  ## the default suite (< 20 min on 2 cores); exit code 5 (no tests) 
 
 test-slurm: setup  ## needs a running SLURM (bash launchers/local-slurm.sh)
 	SPECSWEEP_REQUIRE_SLURM=1 $(PY) -m pytest -q -m slurm $(ARGS)
+
+bench: setup  ## side-by-side speed: HF generate / prompt lookup vs ours -> results/bench/
+	$(PY) -m specsweep.bench --offset 124 --limit 10 --max-new-tokens 200 \
+		--ours "ar=draft=none" "default=" "best=experiment=best" --hf generate prompt-lookup $(ARGS)
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)

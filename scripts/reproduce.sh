@@ -70,7 +70,7 @@ fi
 for spec in "${SHAPES[@]}"; do
   read -r shape depths <<<"$spec"
   # ++: medusa's config has no depth key (its depth cuts the published tree)
-  sweep "seed001_$shape" experiment=seed001_trees "${TREES[@]}" "tree=$shape" "++tree.depth=$depths"
+  sweep "seed001_$shape" experiment=draft_tree_study "${TREES[@]}" "tree=$shape" "++tree.depth=$depths"
 done
 
 wait_sweeps

@@ -169,3 +169,22 @@ def test_engine_tree_sampling_matches_the_target():
         out = engine.generate(prompt).output_ids
         counts[out[1], out[2]] += 1
     assert chisquare(counts.flatten(), expected * 1200).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("shape", [Tree.binary(3), DynamicTreeSpec(budget=8, depth=3, k=2)], ids=["binary", "dynamic"])
+def test_model_draft_keeps_the_accepted_branch_kv(shape):
+    """After a tree draft the draft's own cache keeps the accepted branch (compacted), not re-fed."""
+    model = tiny_llama(37, vocab=48, init=0.5)
+    ids = prompt_for(7, 48)
+    drafter = ModelDrafter(model, GREEDY)
+    drafter.reset(ids)
+    draft = drafter.propose_tree(ids, shape)
+    first = draft.tree.children(-1)[0]
+    second = draft.tree.children(first)[0]  # an internal node two levels down: both were fed
+    accepted = torch.cat([ids, draft.tokens[[first, second]].view(1, -1), torch.tensor([[5]])], dim=1)
+    with torch.inference_mode():  # as inside propose()
+        feed = drafter._sync(accepted)
+    assert drafter.cached.numel() == ids.shape[1] + 2 and feed.shape[1] == 1  # only the bonus token to feed
+    fresh = ModelDrafter(model, GREEDY)
+    fresh.reset(accepted)
+    assert drafter.propose(accepted, 4).tokens.tolist() == fresh.propose(accepted, 4).tokens.tolist()

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from specsweep.cache import truncate
+from specsweep.cache import compact, truncate
 from specsweep.drafters.base import Draft, Drafter
 from specsweep.sampling import Sampling, sample
 from specsweep.tree import DynamicTreeSpec, Tree
@@ -36,9 +36,27 @@ class ModelDrafter(Drafter):
     def reset(self, prompt_ids: torch.Tensor) -> None:
         self.cache = self.new_cache()
         self.cached = prompt_ids.new_empty(0)  # the token ids whose KV the cache holds, in order
+        self.last_tree = None  # (parents, tokens, cache slots) of the tree drafted last, if any
+
+    def _keep_accepted_branch(self, ids: torch.Tensor) -> None:
+        """After a tree draft: move the KV of the fed nodes the target accepted (the branch ``ids``
+        continues along) into sequence order behind the root; the rest of the tree is dropped."""
+        parents, tokens, slots = self.last_tree
+        self.last_tree = None
+        root_len, branch, node = self.cached.numel(), [], -1
+        for token in ids[0, root_len:].tolist():
+            child = next((c for c, p in enumerate(parents) if p == node and tokens[c] == token), None)
+            if child is None or child not in slots:
+                break
+            branch.append(child)
+            node = child
+        compact(self.cache, root_len, [slots[c] for c in branch])
+        self.cached = ids[0, :root_len + len(branch)]
 
     def _sync(self, ids: torch.Tensor) -> torch.Tensor:
         """Drop cached KV that ``ids`` does not share; return the tokens still to feed (at least one)."""
+        if self.last_tree is not None:
+            self._keep_accepted_branch(ids)
         n = min(self.cached.numel(), ids.shape[1] - 1)
         differ = (self.cached[:n] != ids[0, :n]).nonzero()
         if differ.numel():
@@ -98,12 +116,10 @@ class ModelDrafter(Drafter):
         root_logits = self._forward(self._sync(ids), 1)[-1]
         self.root_len = ids.shape[1]
         self.slots: dict[int, int] = {}  # tree node -> its position in the draft cache
-        try:
-            if isinstance(shape, DynamicTreeSpec):
-                return self._grow(root_logits, shape, ids.device)
-            return self._fill(root_logits, shape, ids.device)
-        finally:
-            truncate(self.cache, self.root_len)  # tree KV is not a sequence: keep the committed prefix only
+        draft, parents, tokens = (self._grow(root_logits, shape, ids.device) if isinstance(shape, DynamicTreeSpec)
+                                  else self._fill(root_logits, shape, ids.device))
+        self.last_tree = (parents, tokens, self.slots)  # the next _sync keeps the accepted branch's KV
+        return draft
 
     def _expand(self, nodes: list[int], tokens: list[int], parents: list[int], depth: int) -> torch.Tensor:
         """One draft forward over ``nodes`` (all at ``depth``): each sees the prefix, its ancestors, itself."""
@@ -126,7 +142,7 @@ class ModelDrafter(Drafter):
                          past_key_values=self.cache, use_cache=True)
         return out.logits[0]
 
-    def _fill(self, root_logits: torch.Tensor, tree: Tree, device) -> Draft:
+    def _fill(self, root_logits: torch.Tensor, tree: Tree, device) -> tuple[Draft, list[int], list[int]]:
         tokens = [0] * tree.num_nodes
         logits_of = {-1: root_logits}
         by_depth: dict[int, list[int]] = {}
@@ -143,9 +159,9 @@ class ModelDrafter(Drafter):
             if internal:
                 rows = self._expand(internal, tokens, list(tree.parents), depth)
                 logits_of.update(zip(internal, rows))
-        return Draft(torch.tensor(tokens, dtype=torch.long, device=device), tree=tree)
+        return Draft(torch.tensor(tokens, dtype=torch.long, device=device), tree=tree), list(tree.parents), tokens
 
-    def _grow(self, root_logits: torch.Tensor, spec: DynamicTreeSpec, device) -> Draft:
+    def _grow(self, root_logits: torch.Tensor, spec: DynamicTreeSpec, device) -> tuple[Draft, list[int], list[int]]:
         # candidates: token, parent candidate (-1 = root), depth, cumulative log-probability, rank
         tokens, parents, depths, scores, ranks = [], [], [], [], []
 
@@ -174,4 +190,8 @@ class ModelDrafter(Drafter):
         index = {c: i for i, c in enumerate(chosen)}
         tree = Tree(tuple(index[parents[c]] if parents[c] >= 0 else -1 for c in chosen),
                     tuple(ranks[c] for c in chosen))
-        return Draft(torch.tensor([tokens[c] for c in chosen], dtype=torch.long, device=device), tree=tree)
+        # the cache slots refer to candidate numbers; keep them for the chosen nodes under their new index
+        self.slots = {index[c]: slot for c, slot in self.slots.items() if c in index}
+        chosen_tokens = [tokens[c] for c in chosen]
+        draft = Draft(torch.tensor(chosen_tokens, dtype=torch.long, device=device), tree=tree)
+        return draft, list(tree.parents), chosen_tokens
