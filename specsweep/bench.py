@@ -63,7 +63,7 @@ def ours(name: str, overrides: str, target, tokenizer, hw, cache_dir: str) -> St
     drafter = build_drafter(cfg.draft, BuildContext(target, tokenizer, sampling, generator, hw, model_dirs,
                                                     Path(cache_dir)))
     engine = Engine(target, drafter, shape, sampling, cfg.decode.max_new_tokens,
-                    models.eos_token_ids(target, tokenizer), generator)
+                    models.eos_token_ids(target, tokenizer), generator, hw.bool_masks)
 
     def run(ids):
         result = engine.generate(ids)

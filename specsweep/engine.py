@@ -64,6 +64,7 @@ class Engine:
         max_new_tokens: int,
         eos_token_ids: list[int],
         generator: torch.Generator | None = None,
+        bool_masks: bool = False,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"decode.max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -76,6 +77,7 @@ class Engine:
         self.eos = set(eos_token_ids)
         self.device = target.device
         self.generator = generator  # shared with a sampling drafter: one random stream per run
+        self.bool_masks = bool_masks  # the hardware profile's choice (NPU SDPA wants bool masks)
 
     def _choose(self, logits: torch.Tensor) -> int:
         if self.sampling.greedy:
@@ -112,6 +114,8 @@ class Engine:
         if draft.tree is None:  # a chain: the causal mask is the tree mask
             return self.target(input_ids=step_input, past_key_values=cache, use_cache=True).logits[0]
         mask = draft.tree.verify_mask(cache_len, self.target.dtype, self.device)
+        if self.bool_masks:
+            mask = mask == 0  # True where attention is allowed
         positions = draft.tree.verify_position_ids(cache_len, self.device)
         return self.target(input_ids=step_input, attention_mask=mask, position_ids=positions,
                            past_key_values=cache, use_cache=True).logits[0]

@@ -16,10 +16,12 @@ class Hardware:
     device: torch.device
     dtype: torch.dtype
     attn_implementation: str
+    bool_masks: bool = False  # tree masks as bool [B,1,Sq,Skv] (NPU SDPA) instead of additive float
 
     def describe(self) -> dict:
         info = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "attn_implementation": self.attn_implementation, "torch_threads": torch.get_num_threads()}
+                "attn_implementation": self.attn_implementation, "bool_masks": self.bool_masks,
+                "torch_threads": torch.get_num_threads()}
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
         return info
@@ -55,6 +57,12 @@ def resolve(cfg) -> Hardware:
         dtype_name = "float32" if kind == "cpu" else "bfloat16"
     if dtype_name not in DTYPES:
         raise SpecsweepError(f"hardware.dtype={dtype_name}: choose one of {', '.join(DTYPES)} or auto")
+    tree_mask = cfg.get("tree_mask", "additive")
+    if tree_mask not in ("additive", "bool"):
+        raise SpecsweepError(f"hardware.tree_mask={tree_mask}: choose additive or bool")
+    if tree_mask == "bool" and cfg.attn_implementation != "sdpa":
+        # transformers' eager attention adds the mask: a bool mask would be silently wrong there
+        raise SpecsweepError(f"hardware.tree_mask=bool needs attn_implementation=sdpa, got {cfg.attn_implementation}")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation)
+    return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation, tree_mask == "bool")

@@ -65,7 +65,7 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None 
     ctx = BuildContext(target, tokenizer, sampling, generator, hw, model_dirs, Path(cfg.cache_dir))
     drafter = build_drafter(cfg.draft, ctx)
     engine = Engine(target, drafter, shape, sampling, cfg.decode.max_new_tokens,
-                    models.eos_token_ids(target, tokenizer), generator)
+                    models.eos_token_ids(target, tokenizer), generator, hw.bool_masks)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     header = {**shape_record(shape), "config": resolved, "choices": choices, "hardware": hw.describe(), **environment()}

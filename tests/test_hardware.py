@@ -51,3 +51,11 @@ def test_unknown_device_and_dtype():
         hardware.resolve(profile("cpu", device="tpu"))
     with pytest.raises(SpecsweepError, match="hardware.dtype=float8"):
         hardware.resolve(profile("cpu", dtype="float8"))
+
+
+def test_bool_tree_masks_need_sdpa():
+    assert hardware.resolve(profile("cpu", tree_mask="bool")).bool_masks
+    with pytest.raises(SpecsweepError, match="tree_mask=bool needs attn_implementation=sdpa"):
+        hardware.resolve(profile("cpu", tree_mask="bool", attn_implementation="eager"))
+    with pytest.raises(SpecsweepError, match="choose additive or bool"):
+        hardware.resolve(profile("cpu", tree_mask="int"))

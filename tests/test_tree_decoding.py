@@ -188,3 +188,14 @@ def test_model_draft_keeps_the_accepted_branch_kv(shape):
     fresh = ModelDrafter(model, GREEDY)
     fresh.reset(accepted)
     assert drafter.propose(accepted, 4).tokens.tolist() == fresh.propose(accepted, 4).tokens.tolist()
+
+
+def test_bool_tree_masks_give_the_same_output_with_sdpa():
+    """The npu profile's bool masks (what NPU SDPA wants), checked where sdpa runs: on this CPU."""
+    target = tiny_llama(38, vocab=48, init=0.5)
+    drafter = ModelDrafter(perturbed_copy(target, 0.4, 39), GREEDY, bool_masks=True)
+    prompt = prompt_for(8, 48)
+    for shape in (MEDUSA_LIKE, DynamicTreeSpec(budget=10, depth=4, k=3)):
+        result = Engine(target, drafter, shape, GREEDY, 30, [], bool_masks=True).generate(prompt)
+        assert result.output_ids == autoregressive(target, prompt, 30)
+        assert result.stats.accepted_tokens > 0

@@ -82,7 +82,8 @@ def _build(cfg, ctx: BuildContext, prefix: str) -> Drafter | None:
         model_dir = ctx.model_dirs[f"{prefix}.path"]
         check_same_tokenizer(ctx.tokenizer, load_tokenizer(model_dir), f"{prefix}.path={cfg.path}")
         model = load_model(model_dir, ctx.hardware.dtype, ctx.hardware.device, ctx.hardware.attn_implementation)
-        return ModelDrafter(model, ctx.sampling, ctx.generator, cfg.get("confidence_threshold"))
+        return ModelDrafter(model, ctx.sampling, ctx.generator, cfg.get("confidence_threshold"),
+                            bool_masks=ctx.hardware.bool_masks)
     if cfg.kind == "bigram":
         from specsweep.drafters import bigram
 
@@ -92,7 +93,7 @@ def _build(cfg, ctx: BuildContext, prefix: str) -> Drafter | None:
     if cfg.kind == "layer_skip":
         from specsweep.drafters.layer_skip import layer_skip_drafter
 
-        return layer_skip_drafter(ctx.target, cfg, ctx.sampling, ctx.generator)
+        return layer_skip_drafter(ctx.target, cfg, ctx.sampling, ctx.generator, ctx.hardware.bool_masks)
     if cfg.kind == "cascade":
         from specsweep.drafters.cascade import CascadeDrafter, check_k_matrix
 

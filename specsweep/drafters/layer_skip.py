@@ -56,13 +56,13 @@ def skip_view(model: torch.nn.Module, kept: list[int]) -> torch.nn.Module:
     return view
 
 
-def layer_skip_drafter(target, cfg, sampling: Sampling, generator) -> ModelDrafter:
+def layer_skip_drafter(target, cfg, sampling: Sampling, generator, bool_masks: bool = False) -> ModelDrafter:
     if not hasattr(target, "model") or not hasattr(target.model, "layers"):
         raise SpecsweepError(f"draft=layer-skip: {type(target).__name__} has no model.layers to skip")
     kept = kept_layers(len(target.model.layers), cfg.get("exit_layer"), cfg.get("skip_layers"))
     try:
         return ModelDrafter(skip_view(target, kept), sampling, generator,
                             confidence_threshold=cfg.get("confidence_threshold"),
-                            new_cache=lambda: LayerMapCache(kept))
+                            new_cache=lambda: LayerMapCache(kept), bool_masks=bool_masks)
     except ValueError as err:
         raise SpecsweepError(f"draft: {err}") from None

@@ -25,13 +25,15 @@ class ModelDrafter(Drafter):
     """
 
     def __init__(self, model, sampling: Sampling, generator: torch.Generator | None = None,
-                 confidence_threshold: float | None = None, new_cache: Callable[[], DynamicCache] | None = None):
+                 confidence_threshold: float | None = None, new_cache: Callable[[], DynamicCache] | None = None,
+                 bool_masks: bool = False):
         if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
         self.model, self.sampling, self.generator = model, sampling, generator
         self.samples = not sampling.greedy
         self.confidence_threshold = confidence_threshold
         self.new_cache = new_cache or (lambda: DynamicCache(config=model.config))
+        self.bool_masks = bool_masks  # tree masks as bool (NPU SDPA) instead of additive float
 
     def reset(self, prompt_ids: torch.Tensor) -> None:
         self.cache = self.new_cache()
@@ -134,7 +136,8 @@ class ModelDrafter(Drafter):
                 ancestor = parents[ancestor]
             self.slots[node] = cache_len + row
         dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = allowed if self.bool_masks else torch.zeros(allowed.shape, dtype=dtype).masked_fill_(
+            ~allowed, torch.finfo(dtype).min)
         device = self.model.device
         position = torch.full((1, len(nodes)), self.root_len - 1 + depth, dtype=torch.long, device=device)
         feed = torch.tensor([[tokens[n] for n in nodes]], dtype=torch.long, device=device)
