@@ -22,19 +22,22 @@ log = logging.getLogger("specsweep")
 GROUPS = ("target", "draft", "tree", "dataset", "decode", "hardware", "logger", "experiment")
 
 
-def finished(cfg: DictConfig, run_dir: Path) -> bool:
-    """A job whose results exist for the same resolved config and the same code is not run again."""
+def finished(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The metrics of an earlier run of the same resolved config and the same code, if any:
+    such a job is not run again."""
     path = run_dir / METRICS
     if not path.is_file():
-        return False
+        return None
     done = json.loads(path.read_text())
-    return done.get("config") == OmegaConf.to_container(cfg, resolve=True) and done.get("git_commit") == git_commit()
+    same = done.get("config") == OmegaConf.to_container(cfg, resolve=True) and done.get("git_commit") == git_commit()
+    return done if same else None
 
 
 def run_job(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None):
-    if finished(cfg, run_dir):
+    done = finished(cfg, run_dir)
+    if done is not None:
         log.info("results for this configuration and code exist in %s: not running it again", run_dir)
-        return json.loads((run_dir / METRICS).read_text())
+        return done
     if cfg.job == "decode":
         from specsweep.run import run_decode
 

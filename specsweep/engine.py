@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from specsweep.cache import compact, truncate
+from specsweep.cache import compact
 from specsweep.drafters.base import Draft, Drafter
 from specsweep.sampling import Sampling, sample
 from specsweep.tree import DynamicTreeSpec, Tree
@@ -113,9 +113,7 @@ class Engine:
         step_input = torch.cat([root, draft.tokens.view(1, -1)], dim=1)
         if draft.tree is None:  # a chain: the causal mask is the tree mask
             return self.target(input_ids=step_input, past_key_values=cache, use_cache=True).logits[0]
-        mask = draft.tree.verify_mask(cache_len, self.target.dtype, self.device)
-        if self.bool_masks:
-            mask = mask == 0  # True where attention is allowed
+        mask = draft.tree.verify_mask(cache_len, self.target.dtype, self.device, as_bool=self.bool_masks)
         positions = draft.tree.verify_position_ids(cache_len, self.device)
         return self.target(input_ids=step_input, attention_mask=mask, position_ids=positions,
                            past_key_values=cache, use_cache=True).logits[0]

@@ -176,7 +176,7 @@ class Tree:
             depths.append(1 if p < 0 else depths[p] + 1)
         return tuple(depths)
 
-    @property
+    @cached_property
     def depth(self) -> int:
         return max(self.depths)
 
@@ -194,9 +194,9 @@ class Tree:
 
     def truncated(self, depth: int) -> Tree:
         """The nodes up to ``depth`` (parents precede children, so indices stay consistent)."""
-        keep = [i for i, d in enumerate(self.depths) if d <= depth]
-        if len(keep) == self.num_nodes:
+        if depth >= self.depth:
             return self
+        keep = [i for i, d in enumerate(self.depths) if d <= depth]
         index = {old: new for new, old in enumerate(keep)}
         return Tree(tuple(index.get(self.parents[i], -1) for i in keep), tuple(self.ranks[i] for i in keep))
 
@@ -242,14 +242,15 @@ class Tree:
         ancestors and itself) and ``torch.finfo(dtype).min`` elsewhere.
         """
         allowed = torch.cat([torch.ones(self.num_nodes, prefix_len, dtype=torch.bool), self.ancestor_mask()], dim=1)
-        return _additive(allowed, dtype, device)
+        return attention_mask_4d(allowed, dtype, device)
 
     def position_ids(self, prefix_len: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``[1, n]`` positions for the nodes after a prefix ending with the root: prefix_len + depth - 1."""
         return (torch.tensor(self.depths, dtype=torch.long) + (prefix_len - 1)).unsqueeze(0).to(device)
 
     def verify_mask(
-        self, cache_len: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+        self, cache_len: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+        as_bool: bool = False,
     ) -> torch.Tensor:
         """Additive ``[1, 1, n + 1, cache_len + n + 1]`` mask for the block root + nodes after a KV cache.
 
@@ -261,15 +262,18 @@ class Tree:
         block[:, 0] = True
         block[1:, 1:] = self.ancestor_mask()
         allowed = torch.cat([torch.ones(n + 1, cache_len, dtype=torch.bool), block], dim=1)
-        return _additive(allowed, dtype, device)
+        return attention_mask_4d(allowed, dtype, device, as_bool)
 
     def verify_position_ids(self, cache_len: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``[1, n + 1]`` positions of root + nodes after a KV cache: cache_len + [0, depths...]."""
         return (torch.tensor((0, *self.depths), dtype=torch.long) + cache_len).unsqueeze(0).to(device)
 
 
-def _additive(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+def attention_mask_4d(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None,
+                      as_bool: bool = False) -> torch.Tensor:
+    """``[1, 1, q, kv]`` mask from a bool ``[q, kv]`` (True = may attend): additive float (0 / dtype
+    min; right with sdpa and eager), or the bool itself (what NPU SDPA wants; right with sdpa only)."""
+    mask = allowed if as_bool else torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None].to(device)
 
 

@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
-
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from specsweep.drafters.bigram import BigramDrafter, BigramTable, count_bigrams, load_csdrafting_json
+from specsweep.drafters.bigram import BigramDrafter, count_bigrams, load_csdrafting_json
 from specsweep.drafters.cascade import CascadeDrafter
 from specsweep.drafters.layer_skip import kept_layers, layer_skip_drafter
 from specsweep.drafters.model import ModelDrafter

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from specsweep.cache import compact, truncate
 from specsweep.drafters.base import Draft, Drafter
 from specsweep.sampling import Sampling, sample
-from specsweep.tree import DynamicTreeSpec, Tree
+from specsweep.tree import DynamicTreeSpec, Tree, attention_mask_4d
 from specsweep.verify import verify_greedy
 
 
@@ -38,16 +38,16 @@ class ModelDrafter(Drafter):
     def reset(self, prompt_ids: torch.Tensor) -> None:
         self.cache = self.new_cache()
         self.cached = prompt_ids.new_empty(0)  # the token ids whose KV the cache holds, in order
-        self.last_tree = None  # (parents, tokens, cache slots) of the tree drafted last, if any
+        self.last_tree = None  # (tree, tokens, cache slots) of the tree drafted last, if any
 
     def _keep_accepted_branch(self, ids: torch.Tensor) -> None:
         """After a tree draft: move the KV of the fed nodes the target accepted (the branch ``ids``
         continues along) into sequence order behind the root; the rest of the tree is dropped."""
-        parents, tokens, slots = self.last_tree
+        tree, tokens, slots = self.last_tree
         self.last_tree = None
         root_len, branch, node = self.cached.numel(), [], -1
         for token in ids[0, root_len:].tolist():
-            child = next((c for c, p in enumerate(parents) if p == node and tokens[c] == token), None)
+            child = next((c for c in tree.children(node) if tokens[c] == token), None)
             if child is None or child not in slots:
                 break
             branch.append(child)
@@ -118,9 +118,9 @@ class ModelDrafter(Drafter):
         root_logits = self._forward(self._sync(ids), 1)[-1]
         self.root_len = ids.shape[1]
         self.slots: dict[int, int] = {}  # tree node -> its position in the draft cache
-        draft, parents, tokens = (self._grow(root_logits, shape, ids.device) if isinstance(shape, DynamicTreeSpec)
-                                  else self._fill(root_logits, shape, ids.device))
-        self.last_tree = (parents, tokens, self.slots)  # the next _sync keeps the accepted branch's KV
+        draft = (self._grow(root_logits, shape, ids.device) if isinstance(shape, DynamicTreeSpec)
+                 else self._fill(root_logits, shape, ids.device))
+        self.last_tree = (draft.tree, draft.tokens.tolist(), self.slots)  # the next _sync keeps the accepted branch's KV
         return draft
 
     def _expand(self, nodes: list[int], tokens: list[int], parents: list[int], depth: int) -> torch.Tensor:
@@ -135,17 +135,15 @@ class ModelDrafter(Drafter):
                 allowed[row, self.slots[ancestor]] = True
                 ancestor = parents[ancestor]
             self.slots[node] = cache_len + row
-        dtype = self.model.dtype
-        mask = allowed if self.bool_masks else torch.zeros(allowed.shape, dtype=dtype).masked_fill_(
-            ~allowed, torch.finfo(dtype).min)
         device = self.model.device
+        mask = attention_mask_4d(allowed, self.model.dtype, device, self.bool_masks)
         position = torch.full((1, len(nodes)), self.root_len - 1 + depth, dtype=torch.long, device=device)
         feed = torch.tensor([[tokens[n] for n in nodes]], dtype=torch.long, device=device)
-        out = self.model(input_ids=feed, attention_mask=mask[None, None].to(device), position_ids=position,
+        out = self.model(input_ids=feed, attention_mask=mask, position_ids=position,
                          past_key_values=self.cache, use_cache=True)
         return out.logits[0]
 
-    def _fill(self, root_logits: torch.Tensor, tree: Tree, device) -> tuple[Draft, list[int], list[int]]:
+    def _fill(self, root_logits: torch.Tensor, tree: Tree, device) -> Draft:
         tokens = [0] * tree.num_nodes
         logits_of = {-1: root_logits}
         by_depth: dict[int, list[int]] = {}
@@ -162,9 +160,9 @@ class ModelDrafter(Drafter):
             if internal:
                 rows = self._expand(internal, tokens, list(tree.parents), depth)
                 logits_of.update(zip(internal, rows))
-        return Draft(torch.tensor(tokens, dtype=torch.long, device=device), tree=tree), list(tree.parents), tokens
+        return Draft(torch.tensor(tokens, dtype=torch.long, device=device), tree=tree)
 
-    def _grow(self, root_logits: torch.Tensor, spec: DynamicTreeSpec, device) -> tuple[Draft, list[int], list[int]]:
+    def _grow(self, root_logits: torch.Tensor, spec: DynamicTreeSpec, device) -> Draft:
         # candidates: token, parent candidate (-1 = root), depth, cumulative log-probability, rank
         tokens, parents, depths, scores, ranks = [], [], [], [], []
 
@@ -195,6 +193,4 @@ class ModelDrafter(Drafter):
                     tuple(ranks[c] for c in chosen))
         # the cache slots refer to candidate numbers; keep them for the chosen nodes under their new index
         self.slots = {index[c]: slot for c, slot in self.slots.items() if c in index}
-        chosen_tokens = [tokens[c] for c in chosen]
-        draft = Draft(torch.tensor(chosen_tokens, dtype=torch.long, device=device), tree=tree)
-        return draft, list(tree.parents), chosen_tokens
+        return Draft(torch.tensor([tokens[c] for c in chosen], dtype=torch.long, device=device), tree=tree)
