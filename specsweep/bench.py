@@ -30,11 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from specsweep import datasets, hardware, models
-from specsweep.drafters import BuildContext, build_drafter, model_paths
-from specsweep.engine import Engine, synchronize
+from specsweep.engine import synchronize
 from specsweep.metrics import summarize
 from specsweep.results import environment
-from specsweep.run import decoding_settings
+from specsweep.run import build_engine, decoding_settings, resolve_model_dirs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -57,13 +56,7 @@ def compose_cfg(overrides: list[str]):
 
 def ours(name: str, overrides: str, target, tokenizer, hw, cache_dir: str) -> Strategy:
     cfg = compose_cfg(overrides.split() + [f"cache_dir={cache_dir}"])
-    sampling, shape = decoding_settings(cfg)
-    model_dirs = {k: models.resolve_model_dir(v, k, cache_dir) for k, v in model_paths(cfg.draft).items()}
-    generator = torch.Generator(device=hw.device)
-    drafter = build_drafter(cfg.draft, BuildContext(target, tokenizer, sampling, generator, hw, model_dirs,
-                                                    Path(cache_dir)))
-    engine = Engine(target, drafter, shape, sampling, cfg.decode.max_new_tokens,
-                    models.eos_token_ids(target, tokenizer), generator, hw.bool_masks)
+    engine = build_engine(cfg, target, tokenizer, hw, resolve_model_dirs(cfg), *decoding_settings(cfg))
 
     def run(ids):
         result = engine.generate(ids)

@@ -50,22 +50,33 @@ def shape_record(shape: Tree | DynamicTreeSpec) -> dict:
     return {"tree_nodes": shape.num_nodes, "tree_depth": shape.depth}
 
 
+def resolve_model_dirs(cfg: DictConfig) -> dict[str, Path]:
+    """Local dirs of the target and of every model the draft needs, checked before anything loads."""
+    paths = {"target.path": cfg.target.path, **model_paths(cfg.draft)}
+    return {k: models.resolve_model_dir(v, k, cfg.cache_dir, cfg.download) for k, v in paths.items()}
+
+
+def build_engine(cfg: DictConfig, target, tokenizer, hw: hardware.Hardware, model_dirs: dict[str, Path],
+                 sampling: Sampling, shape: Tree | DynamicTreeSpec) -> Engine:
+    """The drafter of ``cfg.draft`` and the engine around it; drafter and engine share one generator."""
+    generator = torch.Generator(device=hw.device)
+    ctx = BuildContext(target, tokenizer, sampling, generator, hw, model_dirs, Path(cfg.cache_dir))
+    return Engine(target, build_drafter(cfg.draft, ctx), shape, sampling, cfg.decode.max_new_tokens,
+                  models.eos_token_ids(target, tokenizer), generator, hw.bool_masks)
+
+
 def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None = None) -> dict:
     sampling, shape = decoding_settings(cfg)
     evaluate = pass_at_1.enabled(cfg.evaluate, cfg.dataset.name)
     prompts = datasets.load_prompts(cfg.dataset)
     hw = hardware.resolve(cfg.hardware)
-    paths = {"target.path": cfg.target.path, **model_paths(cfg.draft)}
-    model_dirs = {k: models.resolve_model_dir(v, k, cfg.cache_dir, cfg.download) for k, v in paths.items()}
+    model_dirs = resolve_model_dirs(cfg)
 
     tokenizer = models.load_tokenizer(model_dirs["target.path"])
     encoded = [datasets.encode_prompt(tokenizer, r, cfg.dataset.prompt_format) for r in prompts]
     target = models.load_model(model_dirs["target.path"], hw.dtype, hw.device, hw.attn_implementation)
-    generator = torch.Generator(device=hw.device)
-    ctx = BuildContext(target, tokenizer, sampling, generator, hw, model_dirs, Path(cfg.cache_dir))
-    drafter = build_drafter(cfg.draft, ctx)
-    engine = Engine(target, drafter, shape, sampling, cfg.decode.max_new_tokens,
-                    models.eos_token_ids(target, tokenizer), generator, hw.bool_masks)
+    engine = build_engine(cfg, target, tokenizer, hw, model_dirs, sampling, shape)
+    generator, drafter = engine.generator, engine.drafter
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     header = {**shape_record(shape), "config": resolved, "choices": choices, "hardware": hw.describe(), **environment()}
