@@ -74,11 +74,13 @@ def _get(mapping: dict, *keys):
 
 # ---- loading ---------------------------------------------------------------------------------
 
-def load_sweeps(sweep_dirs: list[Path]) -> list[Job]:
+def load_sweeps(sweep_dirs: list[Path], decode_only: bool = True) -> list[Job]:
+    """Every job of the sweeps with its speedup; ``decode_only=False`` keeps other job kinds too
+    (the sweep summary lists every job, the report tables only decoding runs)."""
     labels = _labels(sweep_dirs)
     jobs = []
     for sweep_dir, label in zip(sweep_dirs, labels):
-        found = [job for job in (_load_job(d, label, sweep_dir) for d in _job_dirs(sweep_dir)) if job]
+        found = [job for job in (_load_job(d, label, sweep_dir, decode_only) for d in _job_dirs(sweep_dir)) if job]
         if not found:
             raise SpecsweepError(f"{sweep_dir}: no results here (no job dir with metrics.json, error.json or .hydra/)")
         jobs += found
@@ -105,17 +107,17 @@ def _has_results(path: Path) -> bool:
     return (path / METRICS).is_file() or (path / ERROR).is_file()
 
 
-def _load_job(job_dir: Path, label: str, sweep_dir: Path) -> Job | None:
+def _load_job(job_dir: Path, label: str, sweep_dir: Path, decode_only: bool) -> Job | None:
     hydra_dir = job_dir / ".hydra"
     config = _read_yaml(hydra_dir / "config.yaml")
     choices = _get(_read_yaml(hydra_dir / "hydra.yaml"), "hydra", "runtime", "choices") or {}
     if (job_dir / METRICS).is_file():
         metrics = json.loads((job_dir / METRICS).read_text())
-        if "tokens_per_s" not in metrics:  # another job kind (e.g. the tree-attention benchmark)
+        if decode_only and "tokens_per_s" not in metrics:  # another job kind (e.g. the tree-attention benchmark)
             return None
         return Job(label, sweep_dir, job_dir, "ok", metrics.get("choices") or choices,
                    metrics.get("config") or config, metrics)
-    if config.get("job", "decode") != "decode":
+    if decode_only and config.get("job", "decode") != "decode":
         return None
     if (job_dir / ERROR).is_file():
         error = json.loads((job_dir / ERROR).read_text())

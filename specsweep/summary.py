@@ -7,7 +7,6 @@ the summary reads only what each job left on disk: metrics.json, or error.json f
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -15,7 +14,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from specsweep.results import ERROR, METRICS
+from specsweep.errors import SpecsweepError
+from specsweep.report import load_sweeps
 
 COLUMNS = ("tokens_per_s", "speedup", "acceptance_rate", "acceptance_length", "tokens_per_target_forward",
            "new_tokens", "draft_s", "verify_s", "wall_s", "pass_at_1")
@@ -23,33 +23,24 @@ failed_jobs: list[str] = []  # read by __main__ to set the exit status
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One row per job dir: its choices, status, metrics or error; speedup vs draft=none of the same setting."""
+    """One row per job dir: its choices, status, metrics or error, and its speedup, read the way the
+    report reads them (`specsweep.report.load_sweeps`: baseline = the draft=none job of the same
+    resolved target, prompts, decode settings, seed and hardware)."""
+    try:
+        jobs = load_sweeps([sweep_dir], decode_only=False)
+    except SpecsweepError:  # no job left anything behind
+        return []
     rows = []
-    for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
-                          key=lambda p: (len(p.name), p.name)):
-        row = {"job": job_dir.name}
-        if (job_dir / METRICS).is_file():
-            metrics = json.loads((job_dir / METRICS).read_text())
-            row.update(metrics.get("choices", {}), status="ok", **{k: metrics.get(k) for k in COLUMNS if k in metrics})
-        elif (job_dir / ERROR).is_file():
-            error = json.loads((job_dir / ERROR).read_text())
-            row.update(error.get("choices", {}), status="failed", error=error["error"], log=str(job_dir))
+    for job in jobs:
+        row = {"job": job.name, **{k: v for k, v in job.choices.items() if "/" not in k}, "status": job.status}
+        if job.ok:
+            row.update({k: job.value(k) for k in COLUMNS if k in job.metrics})
+            if job.speedup is not None:
+                row["speedup"] = job.speedup
         else:
-            row.update(status="missing", log=str(job_dir))
+            row.update(error=job.error, log=str(job.path))
         rows.append(row)
-    _add_speedup(rows)
     return rows
-
-
-def _add_speedup(rows: list[dict]) -> None:
-    def setting(row):  # everything but the draft and tree identifies "the same target, hardware, prompts"
-        return tuple(row.get(k) for k in ("target", "dataset", "decode", "hardware"))
-
-    baseline = {setting(r): r["tokens_per_s"] for r in rows if r.get("draft") == "none" and r["status"] == "ok"}
-    for row in rows:
-        base = baseline.get(setting(row))
-        if row["status"] == "ok" and base:
-            row["speedup"] = row["tokens_per_s"] / base
 
 
 def write_summary(sweep_dir: Path, rows: list[dict]) -> Path:
