@@ -33,7 +33,7 @@ from specsweep import datasets, hardware, models
 from specsweep.engine import synchronize
 from specsweep.metrics import summarize
 from specsweep.results import environment
-from specsweep.run import build_engine, decoding_settings, resolve_model_dirs
+from specsweep.run import build_engine, check_tree_fits, decoding_settings, resolve_model_dirs
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -54,9 +54,11 @@ def compose_cfg(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def ours(name: str, overrides: str, target, tokenizer, hw, cache_dir: str) -> Strategy:
-    cfg = compose_cfg(overrides.split() + [f"cache_dir={cache_dir}"])
-    engine = build_engine(cfg, target, tokenizer, hw, resolve_model_dirs(cfg), *decoding_settings(cfg))
+def ours(name: str, overrides: str, common: list[str], target, tokenizer, hw) -> Strategy:
+    cfg = compose_cfg(common + overrides.split())
+    sampling, shape = decoding_settings(cfg)
+    check_tree_fits(hw, shape)
+    engine = build_engine(cfg, target, tokenizer, hw, resolve_model_dirs(cfg), sampling, shape)
 
     def run(ids):
         result = engine.generate(ids)
@@ -101,6 +103,8 @@ def main(argv=None) -> int:
                         help="NAME=OVERRIDES (space-separated Hydra overrides) per strategy of ours")
     parser.add_argument("--hf", nargs="*", default=["generate", "prompt-lookup"],
                         choices=["generate", "prompt-lookup", "assisted-layer-skip"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE",
+                        help="Hydra overrides for every strategy and the shared target, e.g. hardware.dtype=bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "specsweep"))
     parser.add_argument("--out", default="results/bench")
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base = compose_cfg([f"decode.max_new_tokens={args.max_new_tokens}", f"cache_dir={args.cache_dir}"])
+    common = [f"decode.max_new_tokens={args.max_new_tokens}", f"cache_dir={args.cache_dir}", *args.set]
+    base = compose_cfg(common)
     hw = hardware.resolve(base.hardware)
     target_dir = models.resolve_model_dir(base.target.path, "target.path", args.cache_dir)
     tokenizer = models.load_tokenizer(target_dir)
@@ -123,8 +128,7 @@ def main(argv=None) -> int:
     strategies = []
     for spec in args.ours:
         name, _, overrides = spec.partition("=")
-        strategies.append(ours(name, f"decode.max_new_tokens={args.max_new_tokens} {overrides}".strip(),
-                               target, tokenizer, hw, args.cache_dir))
+        strategies.append(ours(name, overrides, common, target, tokenizer, hw))
     if "generate" in args.hf:
         strategies.append(hf("hf-generate", target, eos, args.max_new_tokens))
     if "prompt-lookup" in args.hf:

@@ -17,6 +17,14 @@ class Hardware:
     dtype: torch.dtype
     attn_implementation: str
     bool_masks: bool = False  # tree masks as bool [B,1,Sq,Skv] (NPU SDPA) instead of additive float
+    max_verify_tokens: int | None = None  # most tokens one verify forward may hold and stay exact
+
+    def check_verify_size(self, tokens: int, setting: str) -> None:
+        if self.max_verify_tokens is not None and tokens > self.max_verify_tokens:
+            raise SpecsweepError(
+                f"{setting}: a verify forward of {tokens} tokens exceeds hardware.max_verify_tokens="
+                f"{self.max_verify_tokens}, beyond which this profile's kernels round differently than a "
+                f"one-token step (outputs would not be token-for-token the target's); use a smaller tree")
 
     def describe(self) -> dict:
         info = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
@@ -65,4 +73,5 @@ def resolve(cfg) -> Hardware:
         raise SpecsweepError(f"hardware.tree_mask=bool needs attn_implementation=sdpa, got {cfg.attn_implementation}")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation, tree_mask == "bool")
+    return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation, tree_mask == "bool",
+                    cfg.get("max_verify_tokens"))

@@ -118,6 +118,9 @@ def load_tokenizer(model_dir: Path):
 def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
+    from specsweep.attention import hf
+
+    hf.register()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device).eval()
 

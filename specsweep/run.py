@@ -56,6 +56,11 @@ def resolve_model_dirs(cfg: DictConfig) -> dict[str, Path]:
     return {k: models.resolve_model_dir(v, k, cfg.cache_dir, cfg.download) for k, v in paths.items()}
 
 
+def check_tree_fits(hw: hardware.Hardware, shape: Tree | DynamicTreeSpec) -> None:
+    nodes = shape.budget if isinstance(shape, DynamicTreeSpec) else shape.num_nodes
+    hw.check_verify_size(nodes + 1, "tree")  # a verify forward holds the root and every node
+
+
 def build_engine(cfg: DictConfig, target, tokenizer, hw: hardware.Hardware, model_dirs: dict[str, Path],
                  sampling: Sampling, shape: Tree | DynamicTreeSpec) -> Engine:
     """The drafter of ``cfg.draft`` and the engine around it; drafter and engine share one generator."""
@@ -70,6 +75,7 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None 
     evaluate = pass_at_1.enabled(cfg.evaluate, cfg.dataset.name)
     prompts = datasets.load_prompts(cfg.dataset)
     hw = hardware.resolve(cfg.hardware)
+    check_tree_fits(hw, shape)
     model_dirs = resolve_model_dirs(cfg)
 
     tokenizer = models.load_tokenizer(model_dirs["target.path"])

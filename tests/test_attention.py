@@ -148,6 +148,7 @@ def test_benchmark_run_writes_its_outputs(tmp_path, monkeypatch):
     bench = OmegaConf.merge(
         cfg.bench,
         {
+            "device": "cpu",  # the float32 tolerance below is a CPU one
             "implementations": ["sequential", "masked_sdpa", "split"],
             "heads": ["smollm2"],
             "center": {"batch": 1, "prefix": 16, "tree": "binary6"},

@@ -1,0 +1,54 @@
+"""Attention functions registered with transformers, selected by `hardware.attn_implementation`.
+
+* ``row_invariant``: eager attention (bf16 matmuls, fp32 softmax) whose output rows have the same
+  bits whatever the number of query rows in the forward. With it, verifying n draft tokens in one
+  forward gives each token exactly the logits a one-token decode step would, which makes greedy
+  speculative decoding token-for-token identical to autoregressive decoding in bf16 too. The CPU
+  sdpa kernel and eager's ``probs @ V`` are not: their reduction over the keys is blocked
+  differently for different numbers of rows, so a row's last bit can depend on its neighbours.
+  Computing ``(V^T @ probs^T)^T`` instead keeps the rows in the matmul's N dimension, which
+  the CPU kernels do not split the reduction over (tests/test_bf16.py checks it bit for bit).
+  Keys a row does not see must also stay out of its reduction, not merely be zeroed: a tree node
+  sees the prefix and its ancestors, which a one-token decode of its path sees contiguously.
+  Rows that see a contiguous run of keys from the start (a decode step, a chain) are done
+  together; other tree rows gather their keys first, one row at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _attend(query, key, value, mask, scaling):
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # reduction over D: row-invariant
+    if mask is not None:
+        scores = scores + mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(value.transpose(2, 3), probs.transpose(2, 3))  # [B, Hq, D, n]
+
+
+def row_invariant_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    # query [B, Hq, n, D]; key/value [B, Hkv, L, D]; the mask is additive [B, 1, n, L] or None
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    out = _attend(query, key, value, attention_mask, scaling)
+    if attention_mask is not None and attention_mask.shape[0] == 1:
+        allowed = attention_mask[0, 0] == 0  # [n, L]
+        seen = allowed.sum(-1, keepdim=True)
+        leading = torch.arange(allowed.shape[-1], device=allowed.device) < seen
+        for row in (allowed != leading).any(-1).nonzero().flatten().tolist():  # tree rows with gaps
+            keys = allowed[row].nonzero().flatten()
+            out[:, :, :, row:row + 1] = _attend(query[:, :, row:row + 1], key.index_select(2, keys),
+                                                value.index_select(2, keys), None, scaling)
+    return out.permute(0, 3, 1, 2).contiguous(), None  # [B, n, Hq, D], as transformers expects
+
+
+def register() -> None:
+    """Make the functions above valid `attn_implementation` names (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("row_invariant", row_invariant_attention)
+    AttentionMaskInterface.register("row_invariant", eager_mask)  # additive float masks, as eager

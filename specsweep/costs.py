@@ -1,0 +1,289 @@
+"""Cost of a verify step on real model shapes, and the speculative-decoding speedups it predicts.
+
+A verify step is one target forward over n new tokens (a chain) on top of a KV cache of P prefix
+tokens. It is timed for n = 1..max_tokens on random-weight Llama models (timing depends only on
+shapes), in two modes: ``eager`` (a DynamicCache, Python dispatch included) and ``graph`` (a
+StaticCache, the forward captured once per n as a CUDA graph and replayed). From the medians come
+the verify-cost curve t(n)/t(1), the cost coefficient c = t_draft(1)/t_target(1) of Leviathan et al.
+(2023), and predicted speedups for gamma drafted tokens with i.i.d. acceptance rate alpha.
+
+    python -m specsweep.costs --models llama2-7b llama2-13b llama-160m --modes eager graph
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import functools
+import gc
+import inspect
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
+
+from specsweep.attention.timing import measure
+from specsweep.cache import truncate
+from specsweep.hardware import DTYPES
+
+MODELS = {  # the shapes of the seeds' targets and drafts; "tiny" is for tests
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "llama-160m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                         tie_word_embeddings=True, rope_theta=100000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048),
+}
+DRAFT, TARGETS = "llama-160m", ("llama2-7b", "llama2-13b")  # the seeds' pairs (same tokenizer)
+MAX_GAMMA = 8
+GRAPH_WARMUP = 3  # eager calls on a side stream before capture, as torch.cuda.graph's docs ask
+TABLE_NS = (1, 8, 16, 32, 64)
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype):
+    """Random weights, allocated (and initialised) directly on ``device`` in ``dtype``."""
+    config = LlamaConfig(**MODELS[name], bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def step_inputs(model, start: int, n: int, kv_len: int, device: torch.device) -> dict:
+    """Inputs for n chained tokens at positions start..start+n-1, attending over ``kv_len`` cache
+    columns: an explicit additive 4D mask (as tree verification needs; it also masks a static
+    cache's unused slots) and explicit positions, so no forward reads the cache length back."""
+    dtype = model.dtype
+    rows = torch.arange(start, start + n, device=device)
+    mask = torch.zeros(1, 1, n, kv_len, dtype=dtype, device=device)
+    mask.masked_fill_(torch.arange(kv_len, device=device) > rows[:, None], torch.finfo(dtype).min)
+    inputs = {"input_ids": torch.randint(model.config.vocab_size, (1, n), device=device),
+              "position_ids": rows[None], "attention_mask": mask, "use_cache": True}
+    if "cache_position" in inspect.signature(model.forward).parameters:  # older transformers 5.x ask for it
+        inputs["cache_position"] = rows
+    return inputs
+
+
+def time_eager(model, prefix: int, ns: list[int], device, args) -> dict[int, list[float]]:
+    cache = DynamicCache(config=model.config)
+    model(**step_inputs(model, 0, prefix, prefix, device), past_key_values=cache)
+    reset = functools.partial(truncate, cache, prefix)  # crop the n appended tokens off again
+    return {n: measure(functools.partial(model, **step_inputs(model, prefix, n, prefix + n, device),
+                                         past_key_values=cache), device, args.warmup, args.repeats, reset=reset)
+            for n in ns}
+
+
+def _rewind(cache: StaticCache, prefix: int) -> None:
+    """Point a static cache's write position back at ``prefix``. Recent transformers keep it as a
+    device tensor that each forward (and so each graph replay) advances; older ones take the
+    ``cache_position`` input instead and have nothing to rewind."""
+    for layer in cache.layers:
+        length = getattr(layer, "cumulative_length", None)
+        if isinstance(length, torch.Tensor):
+            length.fill_(prefix)
+        elif isinstance(length, int):
+            layer.cumulative_length = prefix
+
+
+def time_graph(model, prefix: int, ns: list[int], device, args) -> dict[int, list[float]]:
+    max_len = prefix + max(ns) + 16
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    model(**step_inputs(model, 0, prefix, max_len, device), past_key_values=cache)
+    rewind = functools.partial(_rewind, cache, prefix)
+    times = {}
+    for n in ns:
+        # Each replay rewrites slots prefix..prefix+n-1 with the same keys and values: fine for timing.
+        forward = functools.partial(model, **step_inputs(model, prefix, n, max_len, device), past_key_values=cache)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP):
+                rewind()
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        rewind()
+        with torch.cuda.graph(graph):
+            static_out = forward()  # its memory belongs to the graph; kept until the graph goes
+        rewind()
+        times[n] = measure(graph.replay, device, args.warmup, args.repeats, reset=rewind)
+        del graph, static_out
+    return times
+
+
+def expected_tokens(alpha: float, gamma: int) -> float:
+    """Tokens per step with gamma drafted tokens, each accepted with probability alpha (i.i.d.)."""
+    return gamma + 1.0 if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def predicted_speedup(alpha: float, gamma: int, c: float, verify_ratio: float) -> float:
+    """Leviathan et al.'s E / (gamma c + 1), with the measured t(gamma+1)/t(1) in place of the 1."""
+    return expected_tokens(alpha, gamma) / (gamma * c + verify_ratio)
+
+
+def derive(rows: list[dict], alphas: list[float]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(coefficients, predictions, best gamma per alpha) from the timing rows."""
+    t = {(r["model"], r["mode"], r["dtype"], r["prefix"], r["n"]): r["median_ms"] for r in rows}
+    curves = sorted({k[:4] for k in t})
+    coefficients = [{"draft": DRAFT, "target": tgt, "mode": mode, "dtype": dt, "prefix": p,
+                     "c": t[(DRAFT, mode, dt, p, 1)] / t[(tgt, mode, dt, p, 1)]}
+                    for (tgt, mode, dt, p) in curves if tgt in TARGETS and (DRAFT, mode, dt, p, 1) in t]
+    predictions = []
+    for model, mode, dt, p in curves:
+        if model == DRAFT:
+            continue
+        drafts = [("free", 0.0)] + [(DRAFT, k["c"]) for k in coefficients if (k["target"], k["mode"], k["dtype"],
+                                                                               k["prefix"]) == (model, mode, dt, p)]
+        for draft, c in drafts:
+            for alpha in alphas:
+                for gamma in range(1, MAX_GAMMA + 1):
+                    if (model, mode, dt, p, gamma + 1) not in t:
+                        break
+                    ratio = t[(model, mode, dt, p, gamma + 1)] / t[(model, mode, dt, p, 1)]
+                    predictions.append({"target": model, "mode": mode, "dtype": dt, "prefix": p, "draft": draft,
+                                        "c": c, "alpha": alpha, "gamma": gamma, "verify_ratio": ratio,
+                                        "expected_tokens": expected_tokens(alpha, gamma),
+                                        "step_cost": gamma * c + ratio,
+                                        "speedup": predicted_speedup(alpha, gamma, c, ratio)})
+    best = {}
+    for pred in predictions:
+        key = tuple(pred[k] for k in ("target", "mode", "dtype", "prefix", "draft", "alpha"))
+        if key not in best or pred["speedup"] > best[key]["speedup"]:
+            best[key] = pred
+    return coefficients, predictions, list(best.values())
+
+
+def machine(device: torch.device) -> dict:
+    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "device": str(device), "torch_threads": torch.get_num_threads()}
+    info["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return info
+
+
+def show(rows: list[dict], coefficients: list[dict], best: list[dict], alphas: list[float]) -> None:
+    ns = sorted({r["n"] for r in rows})
+    cols = [n for n in TABLE_NS if n in ns] or ns[:5]
+    table = Table(title="verify step: median ms (t(n)/t(1))")
+    for name in ("model", "mode", "dtype", "prefix", *(f"t({n})" for n in cols)):
+        table.add_column(name, justify="right")
+    by_curve = {}
+    for r in rows:
+        by_curve.setdefault((r["model"], r["mode"], r["dtype"], r["prefix"]), {})[r["n"]] = r
+    for key, curve in by_curve.items():
+        table.add_row(*map(str, key), *(f"{curve[n]['median_ms']:.3f} ({curve[n]['ratio']:.2f}x)" for n in cols))
+    console.print(table)
+    for k in coefficients:
+        console.print(f"c({k['draft']} / {k['target']}, {k['mode']}, {k['dtype']}, P={k['prefix']}) = {k['c']:.4f}")
+    table = Table(title="predicted speedup: best gamma per alpha")
+    for name in ("target", "mode", "prefix", "draft", "c", *(f"alpha={a:g}" for a in alphas)):
+        table.add_column(name, justify="right")
+    cells = {}
+    for b in best:
+        key = (b["target"], b["mode"], str(b["prefix"]), b["draft"], f"{b['c']:.4f}")
+        cells.setdefault(key, {})[b["alpha"]] = f"g={b['gamma']}: {b['speedup']:.2f}x"
+    for key, by_alpha in cells.items():
+        table.add_row(*key, *(by_alpha.get(a, "-") for a in alphas))
+    console.print(table)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = sorted({(r["model"], r["mode"], r["dtype"], r["prefix"]) for r in rows})
+    for key in curves:
+        pts = sorted((r["n"], r["ratio"]) for r in rows if (r["model"], r["mode"], r["dtype"], r["prefix"]) == key)
+        ax.plot(*zip(*pts), marker=".", label=f"{key[0]} {key[1]} P={key[3]}")
+    ax.set(xlabel="tokens verified in one forward (n)", ylabel="t(n) / t(1)", title="verify-step cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m specsweep.costs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["llama2-7b", "llama2-13b", DRAFT])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    parser.add_argument("--prefix", nargs="+", type=int, default=[512], help="KV-cache lengths P")
+    parser.add_argument("--max-tokens", type=int, default=64, help="time n = 1..this")
+    parser.add_argument("--modes", nargs="+", choices=["eager", "graph"], default=["eager", "graph"])
+    parser.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("results/gpu_costs"))
+    args = parser.parse_args(argv)
+    if args.max_tokens < 1 or args.warmup < 1 or args.repeats < 1 or min(args.prefix) < 1:
+        parser.error("--max-tokens, --warmup, --repeats and --prefix must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    timers = {"eager": time_eager, "graph": time_graph}
+    modes = list(dict.fromkeys(args.modes))
+    if "graph" in modes and device.type != "cuda":
+        console.print(f"[yellow]graph mode skipped: CUDA graphs need a CUDA device, not {device}[/]")
+        modes.remove("graph")
+    ns = list(range(1, args.max_tokens + 1))
+    rows = []
+    torch.manual_seed(0)
+    for name in dict.fromkeys(args.models):
+        model = build_model(name, device, dtype)
+        with torch.inference_mode():
+            for mode in modes:
+                for prefix in args.prefix:
+                    console.print(f"{name} {mode} P={prefix}: n = 1..{args.max_tokens}")
+                    times = timers[mode](model, prefix, ns, device, args)
+                    t1 = statistics.median(times[1])
+                    rows += [{"model": name, "mode": mode, "dtype": args.dtype, "prefix": prefix, "n": n,
+                              "median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
+                              "repeats": len(ts), "ratio": statistics.median(ts) / t1} for n, ts in times.items()]
+        del model  # free the device before the next (up to 13B) model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    coefficients, predictions, best = derive(rows, args.alphas)
+    show(rows, coefficients, best, args.alphas)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M")
+    with open(args.out / f"costs_{stamp}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
+        writer.writeheader()
+        writer.writerows(rows)
+    result = {"command": [sys.executable, "-m", "specsweep.costs", *(sys.argv[1:] if argv is None else argv)],
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device),
+              "rows": rows, "coefficients": coefficients, "predictions": predictions, "best": best}
+    (args.out / f"costs_{stamp}.json").write_text(json.dumps(result, indent=1))
+    if rows:
+        plot(rows, args.out / f"verify_cost_{stamp}.png")
+    console.print(f"wrote {args.out}/costs_{stamp}.csv, .json and verify_cost_{stamp}.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

