@@ -31,7 +31,7 @@ test-slurm: setup  ## needs a running SLURM (bash launchers/local-slurm.sh)
 	SPECSWEEP_REQUIRE_SLURM=1 $(PY) -m pytest -q -m slurm $(ARGS)
 
 bench: setup  ## side-by-side speed: HF generate / prompt lookup vs ours -> results/bench/
-	$(PY) -m specsweep.bench --offset 124 --limit 10 --max-new-tokens 200 \
+	$(PY) -m specsweep.bench --offset 124 --limit 10 --max-new-tokens 200 --threads 1 --set hardware=cpu-bf16 \
 		--ours "ar=draft=none" "default=" "best=experiment=best" --hf generate prompt-lookup $(ARGS)
 
 test-all: setup

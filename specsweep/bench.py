@@ -31,6 +31,7 @@ from rich.table import Table
 
 from specsweep import datasets, hardware, models
 from specsweep.engine import synchronize
+from specsweep.errors import SpecsweepError
 from specsweep.metrics import summarize
 from specsweep.results import environment
 from specsweep.run import build_engine, check_tree_fits, decoding_settings, resolve_model_dirs
@@ -56,6 +57,10 @@ def compose_cfg(overrides: list[str]):
 
 def ours(name: str, overrides: str, common: list[str], target, tokenizer, hw) -> Strategy:
     cfg = compose_cfg(common + overrides.split())
+    if hardware.resolve(cfg.hardware) != hw:  # one target is shared: its dtype and attention are fixed
+        raise SpecsweepError(f"strategy {name!r} runs on hardware={cfg.hardware.name}, the shared target on "
+                             f"{hw.dtype} with {hw.attn_implementation}; pass --set hardware={cfg.hardware.name} to run "
+                             "every strategy there")
     sampling, shape = decoding_settings(cfg)
     check_tree_fits(hw, shape)
     engine = build_engine(cfg, target, tokenizer, hw, resolve_model_dirs(cfg), sampling, shape)
@@ -208,9 +213,13 @@ def write(out: Path, rows: list[dict], argv, prompts: int, args, hw) -> None:
     info = {"date": stamp, "command": command,
             "machine": f"{platform.processor() or platform.machine()}, {env['cpu_count']} cores, "
                        f"torch {env['torch']} ({torch.get_num_threads()} threads), {hw.describe()['device']}",
-            "git_commit": env["git_commit"], "prompts": prompts, "max_new_tokens": args.max_new_tokens, "rows": rows}
+            "hardware": hw.describe(), "git_commit": env["git_commit"], "prompts": prompts,
+            "max_new_tokens": args.max_new_tokens, "rows": rows}
     (out / f"speed_{stamp}.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except SpecsweepError as error:  # bad input: one line, no traceback
+        raise SystemExit(f"error: {error}") from None

@@ -21,18 +21,22 @@ from torch import nn
 
 
 def _attend(query, key, value, mask, scaling):
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # reduction over D: row-invariant
-    if mask is not None:
-        scores = scores + mask
+    """query [B, Hq, n, D]; key, value [B, Hkv, L, D]; mask [B, 1, n, L] or None -> [B, Hq, D, n].
+    The query heads sharing a KV head become extra rows (head h uses KV head h // groups, as
+    repeat_kv does), so K and V are never copied."""
+    b, hq, n, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    groups = hq // hkv
+    scores = torch.matmul(query.reshape(b, hkv, groups * n, d), key.transpose(2, 3)) * scaling
+    if mask is not None:  # reduction over D above: row-invariant
+        scores = (scores.view(b, hkv, groups, n, length) + mask.unsqueeze(2)).view(b, hkv, groups * n, length)
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(value.transpose(2, 3), probs.transpose(2, 3))  # [B, Hq, D, n]
+    out = torch.matmul(value.transpose(2, 3), probs.transpose(2, 3))  # [B, Hkv, D, groups * n]
+    return out.view(b, hkv, d, groups, n).transpose(1, 2).reshape(b, hq, d, n)
 
 
 def row_invariant_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     # query [B, Hq, n, D]; key/value [B, Hkv, L, D]; the mask is additive [B, 1, n, L] or None
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-    value = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     out = _attend(query, key, value, attention_mask, scaling)
     if attention_mask is not None and attention_mask.shape[0] == 1:
         allowed = attention_mask[0, 0] == 0  # [n, L]

@@ -1,0 +1,29 @@
+"""The side-by-side benchmark: one shared target, every output checked, results written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specsweep import bench
+from specsweep.errors import SpecsweepError
+from tests.conftest import CACHE_DIR
+
+
+def test_bench_writes_rows_and_checks_every_output(tmp_path):
+    argv = ["--limit", "1", "--max-new-tokens", "12", "--threads", "1", "--cache-dir", str(CACHE_DIR),
+            "--set", "hardware=cpu-bf16", "--ours", "ar=draft=none", "best=experiment=best",
+            "--hf", "generate", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0  # 0: every output equals our autoregressive one
+    (result,) = tmp_path.glob("speed_*.json")
+    info = json.loads(result.read_text())
+    assert [r["strategy"] for r in info["rows"]] == ["ar", "best", "hf-generate"]
+    assert all(r["lossless"] and r["tokens"] == 12 for r in info["rows"])
+    assert info["hardware"]["dtype"] == "bfloat16" and "--set hardware=cpu-bf16" in info["command"]
+
+
+def test_a_strategy_on_other_hardware_than_the_shared_target_is_refused(tmp_path):
+    with pytest.raises(SpecsweepError, match="pass --set hardware=cpu-bf16"):
+        bench.main(["--limit", "1", "--max-new-tokens", "4", "--cache-dir", str(CACHE_DIR),
+                    "--ours", "best=experiment=best", "--hf", "--out", str(tmp_path)])
