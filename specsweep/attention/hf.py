@@ -32,7 +32,7 @@ def _attend(query, key, value, mask, scaling):
         scores = (scores.view(b, hkv, groups, n, length) + mask.unsqueeze(2)).view(b, hkv, groups * n, length)
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(value.transpose(2, 3), probs.transpose(2, 3))  # [B, Hkv, D, groups * n]
-    return out.view(b, hkv, d, groups, n).transpose(1, 2).reshape(b, hq, d, n)
+    return out.view(b, hkv, d, groups, n).transpose(2, 3).reshape(b, hq, d, n)  # [B, Hkv, groups, D, n]
 
 
 def row_invariant_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
