@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -63,6 +64,17 @@ def read_records(path: Path) -> list:
     return records
 
 
+def closed_run_records(path: Path, timeout_s: float = 30.0) -> list:
+    """The records once the run's exit record is on disk: W&B's core process writes the log
+    asynchronously, and under load it can land a moment after ``run.finish()`` returns."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_records(path)
+        if of_type(records, "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def items(updates) -> dict:
     """Summary/history items -> {"a/b": value}."""
     return {"/".join(u.nested_key) or u.key: json.loads(u.value_json) for u in updates}
@@ -79,7 +91,7 @@ def offline_run(tmp_path_factory):
         tracker.finish(METRICS, SAMPLES)
     logs = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 1, list(run_dir.rglob("*"))
-    return logs[0], read_records(logs[0])
+    return logs[0], closed_run_records(logs[0])
 
 
 def of_type(records, kind: str) -> list:
@@ -142,7 +154,7 @@ def test_jobs_of_one_process_get_a_run_each(tmp_path):
     with make_tracker(wandb_cfg(), RESOLVED, CHOICES, tmp_path / "1", "g") as tracker:
         tracker.finish(METRICS, SAMPLES[:1])
     logs = [next((tmp_path / str(n)).glob("wandb/offline-run-*/run-*.wandb")) for n in range(2)]
-    first, second = (read_records(p) for p in logs)
+    first, second = (closed_run_records(p) for p in logs)
     assert of_type(first, "exit")[0].exit_code == 1 and of_type(second, "exit")[0].exit_code == 0
     assert of_type(first, "run")[0].run_id != of_type(second, "run")[0].run_id
 
