@@ -38,7 +38,7 @@ def _attend(query, key, value, mask, scaling):
 def row_invariant_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     # query [B, Hq, n, D]; key/value [B, Hkv, L, D]; the mask is additive [B, 1, n, L] or None
     out = _attend(query, key, value, attention_mask, scaling)
-    if attention_mask is not None and attention_mask.shape[0] == 1:
+    if attention_mask is not None and attention_mask.shape[0] == 1:  # the engine verifies one sequence
         allowed = attention_mask[0, 0] == 0  # [n, L]
         seen = allowed.sum(-1, keepdim=True)
         leading = torch.arange(allowed.shape[-1], device=allowed.device) < seen
