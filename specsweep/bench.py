@@ -32,7 +32,7 @@ from rich.table import Table
 from specsweep import datasets, hardware, models
 from specsweep.engine import synchronize
 from specsweep.errors import SpecsweepError
-from specsweep.metrics import summarize
+from specsweep.metrics import expected_tokens, summarize
 from specsweep.results import environment
 from specsweep.run import build_engine, check_tree_fits, decoding_settings, resolve_model_dirs
 
@@ -91,10 +91,9 @@ def bounds(stats, ar_step_s: float) -> tuple[float | None, float | None]:
     m = summarize(stats)
     if not m["draft_tokens"] or not m["verify_steps"]:
         return None, None
-    alpha = min(m["acceptance_rate"], 0.999999)
     gamma = m["draft_tokens"] / m["verify_steps"]
     step = (m["draft_s"] + m["verify_s"]) / m["verify_steps"] / ar_step_s
-    leviathan = (1 - alpha ** (gamma + 1)) / (1 - alpha) / step
+    leviathan = expected_tokens(m["acceptance_rate"], gamma) / step
     return leviathan, m["tokens_per_target_forward"] / step
 
 

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Static
 from specsweep.attention.timing import measure
 from specsweep.cache import truncate
 from specsweep.hardware import DTYPES
+from specsweep.metrics import expected_tokens
 
 MODELS = {  # the shapes of the seeds' targets and drafts; "tiny" is for tests
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -54,11 +55,12 @@ TABLE_NS = (1, 8, 16, 32, 64)
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def build_model(name: str, device: torch.device, dtype: torch.dtype):
-    """Random weights, allocated (and initialised) directly on ``device`` in ``dtype``."""
-    config = LlamaConfig(**MODELS[name], bos_token_id=None, eos_token_id=None, pad_token_id=None)
+def random_llama(shape: dict, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+    """A Llama of LlamaConfig fields ``shape`` with random weights (timing depends only on shapes),
+    allocated and initialised directly on ``device`` in ``dtype``."""
+    config = LlamaConfig(**shape, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval()
 
 
@@ -122,11 +124,6 @@ def time_graph(model, prefix: int, ns: list[int], device, args) -> dict[int, lis
         times[n] = measure(graph.replay, device, args.warmup, args.repeats, reset=rewind)
         del graph, static_out
     return times
-
-
-def expected_tokens(alpha: float, gamma: int) -> float:
-    """Tokens per step with gamma drafted tokens, each accepted with probability alpha (i.i.d.)."""
-    return gamma + 1.0 if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
 def predicted_speedup(alpha: float, gamma: int, c: float, verify_ratio: float) -> float:
@@ -251,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     torch.manual_seed(0)
     for name in dict.fromkeys(args.models):
-        model = build_model(name, device, dtype)
+        model = random_llama(MODELS[name], device, dtype)
         with torch.inference_mode():
             for mode in modes:
                 for prefix in args.prefix:

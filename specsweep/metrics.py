@@ -31,3 +31,9 @@ def summarize(stats: list[SampleStats]) -> dict:
         "verify_s": verify_s,
         "other_s": max(wall - prefill_s - draft_s - verify_s, 0.0),
     }
+
+
+def expected_tokens(alpha: float, gamma: float) -> float:
+    """Tokens per step with gamma drafted tokens, each accepted with probability alpha (i.i.d.;
+    Leviathan et al. 2023)."""
+    return gamma + 1.0 if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from specsweep import costs
+from specsweep.metrics import expected_tokens
 
 
 def test_tiny_sweep_writes_rows_ratios_and_predictions(tmp_path):
@@ -38,8 +39,8 @@ def test_tiny_sweep_writes_rows_ratios_and_predictions(tmp_path):
 @pytest.mark.parametrize("gamma", [1, 4, 8])
 def test_free_draft_and_flat_verify_cost_give_expected_tokens(alpha, gamma):
     expected = gamma + 1 if alpha == 1 else sum(alpha**i for i in range(gamma + 1))
-    assert costs.expected_tokens(alpha, gamma) == pytest.approx(expected)
-    assert costs.predicted_speedup(alpha, gamma, c=0.0, verify_ratio=1.0) == costs.expected_tokens(alpha, gamma)
+    assert expected_tokens(alpha, gamma) == pytest.approx(expected)
+    assert costs.predicted_speedup(alpha, gamma, c=0.0, verify_ratio=1.0) == expected_tokens(alpha, gamma)
 
 
 def test_nothing_accepted_costs_the_draft_and_verify_step():

@@ -14,9 +14,10 @@ import statistics
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import DynamicCache
 
 from specsweep.attention.timing import measure
+from specsweep.costs import random_llama
 from specsweep.tree import Tree
 
 
@@ -25,16 +26,10 @@ def tree_sizes(cfg: DictConfig) -> list[int]:
     return sorted({0, *range(1, cfg.max_nodes + 1, cfg.stride), cfg.max_nodes})
 
 
-def random_target(model_cfg: DictConfig, attn_implementation: str, device: torch.device, dtype: torch.dtype):
-    config = LlamaConfig(**OmegaConf.to_container(model_cfg))
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
-    return model.to(device).eval()
-
-
 def run(cfg: DictConfig, device: torch.device, dtype: torch.dtype, timing: DictConfig) -> list[dict]:
     """One row per tree size; ``timing`` holds warmup, repeats and budget_s."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = random_target(cfg.model, cfg.attn_implementation, device, dtype)
+    model = random_llama(OmegaConf.to_container(cfg.model), device, dtype, cfg.attn_implementation)
     vocab = model.config.vocab_size
     prefix_ids = torch.randint(vocab, (cfg.batch, cfg.prefix), generator=generator).to(device)
     rows = []

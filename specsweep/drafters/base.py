@@ -58,6 +58,8 @@ def fill_tree(tree: Tree, candidates: Callable[[list[int], int], list[int]], dev
     draft tokens ``path`` (root's child down to the node; empty at the root). A node whose rank has no
     candidate is dropped with its subtree, so the drafted tree is a sub-tree of the shape.
     """
+    if not isinstance(tree, Tree):
+        raise SpecsweepError("tree=dynamic grows trees by draft probability: use a model draft, or a fixed tree")
     kept: dict[int, int] = {}  # shape node -> drafted node
     parents, ranks, tokens, paths = [], [], [], {-1: []}
     for node in range(-1, tree.num_nodes):

@@ -18,7 +18,6 @@ import torch
 
 from specsweep.drafters.base import Draft, Drafter, fill_tree
 from specsweep.errors import SpecsweepError
-from specsweep.tree import Tree
 
 TOP_K = 8
 
@@ -157,8 +156,6 @@ class BigramDrafter(Drafter):
 
     def propose_tree(self, ids: torch.Tensor, shape) -> Draft:
         """Each node's children are the top-k observed successors of its token."""
-        if not isinstance(shape, Tree):
-            raise SpecsweepError("tree=dynamic grows trees by draft probability: use a model draft, or a fixed tree")
         if self.ranked is None:
             seen = (self.table.probs > 0).sum(1).clamp(min=1).tolist()
             self.ranked = [row[:k] for row, k in zip(self.table.successors.tolist(), seen)]

@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 
 from specsweep.drafters.base import Draft, Drafter, fill_tree
-from specsweep.errors import SpecsweepError
-from specsweep.tree import Tree
 
 SUCCESSORS_KEPT = 4  # distinct next tokens remembered per n-gram, for tree drafts
 
@@ -62,8 +60,6 @@ class PromptLookupDrafter(Drafter):
 
     def propose_tree(self, ids: torch.Tensor, shape) -> Draft:
         """A node's children: the tokens that followed its longest matching n-grams, latest first."""
-        if not isinstance(shape, Tree):
-            raise SpecsweepError("tree=dynamic grows trees by draft probability: use a model draft, or a fixed tree")
         self._extend(ids)
         tail = self.tokens[-self.max_ngram:]
 
