@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     hw = hardware.resolve(base.hardware)
     target_dir = models.resolve_model_dir(base.target.path, "target.path", args.cache_dir)
     tokenizer = models.load_tokenizer(target_dir)
-    target = models.load_model(target_dir, hw.dtype, hw.device, hw.attn_implementation)
+    target = models.load_model(target_dir, hw)
     eos = models.eos_token_ids(target, tokenizer)
     dataset = OmegaConf.create({"name": "jsonl" if args.dataset.endswith(".jsonl") else args.dataset,
                                 "path": args.dataset, "offset": args.offset, "limit": args.limit,

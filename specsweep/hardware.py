@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from specsweep.errors import SpecsweepError
+from specsweep.prepack import check_supported
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -18,6 +19,7 @@ class Hardware:
     attn_implementation: str
     bool_masks: bool = False  # tree masks as bool [B,1,Sq,Skv] (NPU SDPA) instead of additive float
     max_verify_tokens: int | None = None  # most tokens one verify forward may hold and stay exact
+    prepack_linear: bool = False  # reorder linear weights once for oneDNN (specsweep/prepack.py)
 
     def check_verify_size(self, tokens: int, setting: str) -> None:
         if self.max_verify_tokens is not None and tokens > self.max_verify_tokens:
@@ -29,7 +31,7 @@ class Hardware:
     def describe(self) -> dict:
         info = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "attn_implementation": self.attn_implementation, "bool_masks": self.bool_masks,
-                "torch_threads": torch.get_num_threads()}
+                "prepack_linear": self.prepack_linear, "torch_threads": torch.get_num_threads()}
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
         return info
@@ -71,7 +73,10 @@ def resolve(cfg) -> Hardware:
     if tree_mask == "bool" and cfg.attn_implementation != "sdpa":
         # transformers' eager attention adds the mask: a bool mask would be silently wrong there
         raise SpecsweepError(f"hardware.tree_mask=bool needs attn_implementation=sdpa, got {cfg.attn_implementation}")
+    prepack = bool(cfg.get("prepack_linear", False))
+    if prepack:
+        check_supported(torch.device(device), DTYPES[dtype_name])
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation, tree_mask == "bool",
-                    cfg.get("max_verify_tokens"))
+                    cfg.get("max_verify_tokens"), prepack)

@@ -251,7 +251,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     hw = hardware.resolve(cfg.hardware)
     model_dir = models.resolve_model_dir(cfg.target.path, "target.path", cfg.cache_dir, cfg.download)
     tokenizer = models.load_tokenizer(model_dir)
-    target = models.load_model(model_dir, hw.dtype, hw.device, hw.attn_implementation)
+    target = models.load_model(model_dir, hw)
     num_layers = check_settings(search, target)
 
     with torch.inference_mode():

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from specsweep.errors import SpecsweepError
+from specsweep.hardware import Hardware
+from specsweep.prepack import prepack_linears
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +117,18 @@ def load_tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"):
+def load_model(model_dir: Path, hw: Hardware):
+    """The model in ``model_dir`` on the profile's device, dtype and attention (linears prepacked if asked)."""
     from transformers import AutoModelForCausalLM
 
     from specsweep.attention import hf
 
     hf.register()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
-    return model.to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=hw.dtype, attn_implementation=hw.attn_implementation)
+    model = model.to(hw.device).eval()
+    if hw.prepack_linear:
+        prepack_linears(model)
+    return model
 
 
 def check_same_tokenizer(target_tok, draft_tok, draft_setting: str) -> None:

@@ -80,7 +80,7 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None 
 
     tokenizer = models.load_tokenizer(model_dirs["target.path"])
     encoded = [datasets.encode_prompt(tokenizer, r, cfg.dataset.prompt_format) for r in prompts]
-    target = models.load_model(model_dirs["target.path"], hw.dtype, hw.device, hw.attn_implementation)
+    target = models.load_model(model_dirs["target.path"], hw)
     engine = build_engine(cfg, target, tokenizer, hw, model_dirs, sampling, shape)
     generator, drafter = engine.generator, engine.drafter
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from specsweep.hardware import Hardware
+
 REPO = Path(__file__).resolve().parent.parent
 # tests share the user's converted-model cache (the GGUF conversion costs ~15 s once)
 CACHE_DIR = Path(os.environ.get("SPECSWEEP_CACHE", Path.home() / ".cache" / "specsweep"))
@@ -43,7 +45,7 @@ def embedded():
 
     model_dir = models.resolve_model_dir("embedded:smollm2-135m-instruct", "target.path", CACHE_DIR)
     tokenizer = models.load_tokenizer(model_dir)
-    return models.load_model(model_dir, torch.float32, torch.device("cpu")), tokenizer
+    return models.load_model(model_dir, Hardware(torch.device("cpu"), torch.float32, "sdpa")), tokenizer
 
 
 def tiny_tokenizer(vocab_size: int = 300):

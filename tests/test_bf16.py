@@ -32,7 +32,7 @@ GREEDY = Sampling()
 def bf16():
     """(model, tokenizer): the embedded target in bf16 with row-invariant attention."""
     model_dir = models.resolve_model_dir("embedded:smollm2-135m-instruct", "target.path", CACHE_DIR)
-    model = models.load_model(model_dir, torch.bfloat16, torch.device("cpu"), "row_invariant")
+    model = models.load_model(model_dir, hardware.Hardware(torch.device("cpu"), torch.bfloat16, "row_invariant", prepack_linear=True))
     return model, models.load_tokenizer(model_dir)
 
 
@@ -77,6 +77,7 @@ def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
     model, tokenizer = bf16
     eos = models.eos_token_ids(model, tokenizer)
     ar = Engine(model, None, 0, GREEDY, 64, eos)
+    recycling = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycle_tokens=3)  # as experiment=best
     accepted = 0
     for problem in list(read_problems().values())[124:126]:
         ids = tokenizer(problem["prompt"], return_tensors="pt").input_ids
@@ -84,8 +85,9 @@ def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
         hf = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=64,
                             eos_token_id=eos, pad_token_id=eos[0])[0, ids.shape[1]:].tolist()
         assert hf == expected
-        for shape in (16, Tree.binary(3)):
-            result = Engine(model, PromptLookupDrafter(8, 1), shape, GREEDY, 64, eos).generate(ids)
+        for drafter, shape in ((PromptLookupDrafter(8, 1), 16), (PromptLookupDrafter(8, 1), Tree.binary(3)),
+                               (recycling, 31)):
+            result = Engine(model, drafter, shape, GREEDY, 64, eos).generate(ids)
             assert result.output_ids == expected, f"{shape}"
             accepted += result.stats.accepted_tokens
     assert accepted > 0

@@ -143,11 +143,39 @@ def test_k_matrix_shape_must_match_levels():
 
 
 
+def test_prompt_lookup_copies_on_into_its_own_draft():
+    drafter = PromptLookupDrafter(max_ngram=2)
+    ids = torch.tensor([[5, 8, 8, 8]])  # a loop on one token: the occurrence is 1 token back
+    drafter.reset(ids)
+    assert drafter.propose(ids, 6).tokens.tolist() == [8] * 6
+    ids = torch.tensor([[1, 2, 3, 1, 2]])  # period 3
+    drafter.reset(ids)
+    assert drafter.propose(ids, 7).tokens.tolist() == [3, 1, 2, 3, 1, 2, 3]
+
+
+def test_token_recycling_fills_weak_and_empty_matches_from_the_targets_choices():
+    drafter = PromptLookupDrafter(max_ngram=3, weak_ngram=2, weak_tokens=1, recycle_tokens=4)
+    ids = torch.tensor([[10, 11, 12]])
+    drafter.reset(ids)
+    assert drafter.propose(ids, 8).tokens.numel() == 0  # no match, nothing recycled yet
+    logits = torch.zeros(4, 20)
+    logits[0, 13], logits[1, 14], logits[2, 12], logits[3, 12] = 1, 1, 1, 1  # after 12 the target chose 13, ...
+    drafter.on_scored(torch.tensor([12, 13, 14, 9]), logits)
+    assert drafter.propose(ids, 8).tokens.tolist() == [13, 14, 12, 13]  # follows the table, recycle_tokens long
+    assert drafter.propose(ids, 2).tokens.tolist() == [13, 14]  # never past the room left
+    weak = torch.tensor([[13, 9, 10, 11, 12, 7, 13]])  # only the 1-gram (13) matches: weak, 1 token, then recycled
+    drafter.reset(weak)
+    assert drafter.propose(weak, 8).tokens.tolist() == [9, 12, 13, 14]  # 9 from the lookup, then recycled
+    strong = torch.tensor([[1, 2, 3, 4, 1, 2]])  # a strong match is not extended
+    drafter.reset(strong)
+    assert drafter.propose(strong, 8).tokens.tolist() == [3, 4, 1, 2, 3, 4, 1, 2]
+
+
 def test_prompt_lookup_limits_weak_matches():
     drafter = PromptLookupDrafter(max_ngram=4, min_ngram=1, weak_ngram=3, weak_tokens=1)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 9, 5, 6, 7]])  # last 3 tokens matched earlier: a strong match
     drafter.reset(ids)
-    assert drafter.propose(ids, 8).tokens.tolist() == [9, 5, 6, 7]
+    assert drafter.propose(ids, 8).tokens.tolist() == [9, 5, 6, 7, 9, 5, 6, 7]  # the copy runs on into itself
     weak = torch.tensor([[1, 2, 3, 4, 8, 9, 4]])  # only the 1-gram (4) matches
     drafter.reset(weak)
     assert drafter.propose(weak, 8).tokens.tolist() == [8]

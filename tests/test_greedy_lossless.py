@@ -75,6 +75,18 @@ def test_prompt_lookup_matches_autoregressive(gamma):
     assert result.stats.accepted_tokens > 0
 
 
+@pytest.mark.parametrize("gamma", [1, 3, 12])
+def test_token_recycling_matches_autoregressive(gamma):
+    target = tiny_llama(6, vocab=48)
+    drafter = PromptLookupDrafter(4, 1, weak_ngram=3, weak_tokens=1, recycle_tokens=gamma)
+    engine = Engine(target, drafter, gamma, GREEDY, 60, [])
+    for seed in (6, 7):  # the recycled table carries over to the second prompt
+        prompt = prompt_for(seed, 48, length=20)
+        result = engine.generate(prompt)
+        assert result.output_ids == autoregressive(target, prompt, 60) == hf_greedy(target, prompt, 60, [])
+    assert drafter.recycled and result.stats.accepted_tokens > 0
+
+
 def test_engine_is_reusable_across_prompts():
     target = tiny_llama(8)
     engine = Engine(target, ModelDrafter(perturbed_copy(target, 0.5, 9), GREEDY), 4, GREEDY, 30, [])

@@ -15,6 +15,7 @@ from scipy.stats import chisquare
 from specsweep import engine as engine_module
 from specsweep.drafters.bigram import BigramDrafter, BigramTable
 from specsweep.drafters.model import ModelDrafter
+from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 from specsweep.engine import Engine
 from specsweep.sampling import Sampling, sample
 from specsweep.verify import verify_stochastic
@@ -92,13 +93,16 @@ def engine_counts(target, make_drafter, sampling, prompt, samples):
     return counts.flatten()
 
 
-@pytest.mark.parametrize("draft_kind", ["model", "bigram"])
+@pytest.mark.parametrize("draft_kind", ["model", "bigram", "recycling"])
 def test_engine_samples_from_the_target(monkeypatch, draft_kind):
     target, draft = tiny_llama(11, vocab=V, init=0.6), tiny_llama(12, vocab=V, init=0.6)
     sampling = Sampling(temperature=1.0)
     if draft_kind == "model":  # samples from its own q
         def make_drafter(generator):
             return ModelDrafter(draft, sampling, generator)
+    elif draft_kind == "recycling":  # deterministic, and learnt from the target's logits as it goes
+        def make_drafter(generator):
+            return PromptLookupDrafter(1, 1, weak_ngram=2, weak_tokens=0, recycle_tokens=2)
     else:  # deterministic: the successor of each token is fixed (one-hot q)
         table = BigramTable(torch.tensor([[3], [0], [5], [1], [2], [4]]), torch.ones(V, 1))
 

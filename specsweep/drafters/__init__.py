@@ -45,6 +45,9 @@ def check_tree_support(cfg, shape: Tree | DynamicTreeSpec) -> None:
     if cfg.kind not in kinds:
         tree = "dynamic trees" if isinstance(shape, DynamicTreeSpec) else "trees"
         raise SpecsweepError(f"draft={cfg.name} cannot fill {tree}; drafts that can: {', '.join(kinds[1:])}")
+    if cfg.get("recycle_tokens"):
+        raise SpecsweepError(f"draft.recycle_tokens={cfg.recycle_tokens} extends chains only: use tree=chain, "
+                             "or draft.recycle_tokens=0")
 
 
 def model_paths(cfg, prefix: str = "draft") -> dict[str, str]:
@@ -74,14 +77,15 @@ def _build(cfg, ctx: BuildContext, prefix: str) -> Drafter | None:
     if cfg.kind == "prompt_lookup":
         from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 
-        return PromptLookupDrafter(cfg.max_ngram, cfg.min_ngram, cfg.get("weak_ngram", 1), cfg.get("weak_tokens"))
+        return PromptLookupDrafter(cfg.max_ngram, cfg.min_ngram, cfg.get("weak_ngram", 1), cfg.get("weak_tokens"),
+                                   cfg.get("recycle_tokens", 0))
     if cfg.kind == "model":
         from specsweep.drafters.model import ModelDrafter
         from specsweep.models import check_same_tokenizer, load_model, load_tokenizer
 
         model_dir = ctx.model_dirs[f"{prefix}.path"]
         check_same_tokenizer(ctx.tokenizer, load_tokenizer(model_dir), f"{prefix}.path={cfg.path}")
-        model = load_model(model_dir, ctx.hardware.dtype, ctx.hardware.device, ctx.hardware.attn_implementation)
+        model = load_model(model_dir, ctx.hardware)
         return ModelDrafter(model, ctx.sampling, ctx.generator, cfg.get("confidence_threshold"),
                             bool_masks=ctx.hardware.bool_masks)
     if cfg.kind == "bigram":

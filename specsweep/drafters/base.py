@@ -24,7 +24,7 @@ class Drafter:
     """One draft source. The engine owns the loop; a drafter only proposes and listens.
 
     Per prompt the engine calls ``reset(prompt_ids)``, then repeatedly ``propose(ids, k)`` (chains)
-    or ``propose_tree(ids, shape)`` (trees) and ``on_verified(accepted)``. ``ids`` [1, L] is every
+    or ``propose_tree(ids, shape)`` (trees), ``on_verified(accepted)`` and ``on_scored``. ``ids`` [1, L] is every
     committed token (prompt + output so far); its last token is the root the draft continues.
     After ``on_verified`` the committed sequence grows by the accepted draft tokens plus the
     target's own next token.
@@ -45,6 +45,10 @@ class Drafter:
 
     def on_verified(self, accepted: int) -> None:
         pass
+
+    def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        """The target's logits [m, V] after each of ``inputs`` [m]: the root and the accepted draft
+        tokens of the step just verified (their contexts were all the target's own tokens)."""
 
     def counters(self) -> dict:
         """Draft-specific counters for metrics.json (e.g. per-level acceptance of a cascade)."""

@@ -76,6 +76,10 @@ class CascadeDrafter(Drafter):
                 return new
         return drafter.propose(context, want).tokens.tolist()
 
+    def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        for level in self.levels:
+            level.on_scored(inputs, logits)
+
     def counters(self) -> dict:
         return {"levels": [
             {"level": i, "draft": name, "checked_tokens": self.checked[i], "kept_tokens": self.kept[i],
