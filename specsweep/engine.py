@@ -11,11 +11,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-from specsweep.cache import compact
 from specsweep.drafters.base import Draft, Drafter
 from specsweep.sampling import Sampling, sample
+from specsweep.target import DynamicTarget, GraphTarget
 from specsweep.tree import DynamicTreeSpec, Tree
 from specsweep.verify import verify_greedy, verify_stochastic, verify_tree_greedy, verify_tree_stochastic
 
@@ -65,19 +64,22 @@ class Engine:
         eos_token_ids: list[int],
         generator: torch.Generator | None = None,
         bool_masks: bool = False,
+        cuda_graphs: bool = False,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"decode.max_new_tokens must be >= 1, got {max_new_tokens}")
         self.target, self.drafter = target, drafter
         if drafter is None:
-            self.shape = None  # autoregressive: nothing to draft
+            self.shape, self.max_draft = None, 0  # autoregressive: nothing to draft
         else:
             self.shape = Tree.chain(shape) if isinstance(shape, int) else shape
+            self.max_draft = self.shape.budget if isinstance(self.shape, DynamicTreeSpec) else self.shape.num_nodes
         self.sampling, self.max_new_tokens = sampling, max_new_tokens
         self.eos = set(eos_token_ids)
         self.device = target.device
         self.generator = generator  # shared with a sampling drafter: one random stream per run
-        self.bool_masks = bool_masks  # the hardware profile's choice (NPU SDPA wants bool masks)
+        # the hardware profile's choices: NPU SDPA wants bool masks; CUDA graphs need a static cache
+        self.runner = GraphTarget(target) if cuda_graphs else DynamicTarget(target, bool_masks)
 
     def _choose(self, logits: torch.Tensor) -> int:
         if self.sampling.greedy:
@@ -106,17 +108,11 @@ class Engine:
             return verify_tree_greedy(logits, draft.tokens, draft.tree)
         return verify_tree_stochastic(self.sampling.probabilities(logits), draft.tokens, draft.tree, self.generator)
 
-    def _score(self, cache, root: torch.Tensor, draft: Draft | None, cache_len: int) -> torch.Tensor:
+    def _score(self, root: torch.Tensor, draft: Draft | None, cache_len: int) -> torch.Tensor:
         """One target forward over root + draft -> logits [n + 1, V] (row 0 scores the root)."""
         if draft is None or draft.tokens.numel() == 0:
-            return self.target(input_ids=root, past_key_values=cache, use_cache=True).logits[0]
-        step_input = torch.cat([root, draft.tokens.view(1, -1)], dim=1)
-        if draft.tree is None:  # a chain: the causal mask is the tree mask
-            return self.target(input_ids=step_input, past_key_values=cache, use_cache=True).logits[0]
-        mask = draft.tree.verify_mask(cache_len, self.target.dtype, self.device, as_bool=self.bool_masks)
-        positions = draft.tree.verify_position_ids(cache_len, self.device)
-        return self.target(input_ids=step_input, attention_mask=mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True).logits[0]
+            return self.runner.score(root, None, cache_len)
+        return self.runner.score(torch.cat([root, draft.tokens.view(1, -1)], dim=1), draft.tree, cache_len)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: torch.Tensor) -> Generation:
@@ -129,9 +125,7 @@ class Engine:
         sync()
         start = clock()
 
-        cache = DynamicCache(config=self.target.config)
-        logits = self.target(input_ids=prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        token = self._choose(logits[0, -1])
+        token = self._choose(self.runner.prefill(prompt_ids, limit + self.max_draft))
         output = [token]
         ids[0, prompt_len] = token
         if self.drafter is not None:
@@ -149,11 +143,11 @@ class Engine:
             sync()
             t1 = clock()
             cache_len = length - 1  # the root (last committed token) is not in the target's cache yet
-            logits = self._score(cache, ids[:, cache_len:length], draft, cache_len)
+            logits = self._score(ids[:, cache_len:length], draft, cache_len)
             if n:
                 path, token = (self._verify_chain if draft.tree is None else self._verify_tree)(logits, draft)
                 # keep the root's and the accepted nodes' KV, in sequence order; drop the rest
-                compact(cache, cache_len + 1, [cache_len + 1 + i for i in path])
+                self.runner.keep(cache_len + 1, [cache_len + 1 + i for i in path])
                 new = draft.tokens[path].tolist() + [token] if path else [token]
             else:
                 path, token = [], self._choose(logits[-1])

@@ -20,6 +20,7 @@ class Hardware:
     bool_masks: bool = False  # tree masks as bool [B,1,Sq,Skv] (NPU SDPA) instead of additive float
     max_verify_tokens: int | None = None  # most tokens one verify forward may hold and stay exact
     prepack_linear: bool = False  # reorder linear weights once for oneDNN (specsweep/prepack.py)
+    cuda_graphs: bool = False  # static KV cache, verify forwards replayed as CUDA graphs (specsweep/target.py)
 
     def check_verify_size(self, tokens: int, setting: str) -> None:
         if self.max_verify_tokens is not None and tokens > self.max_verify_tokens:
@@ -31,7 +32,8 @@ class Hardware:
     def describe(self) -> dict:
         info = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "attn_implementation": self.attn_implementation, "bool_masks": self.bool_masks,
-                "prepack_linear": self.prepack_linear, "torch_threads": torch.get_num_threads()}
+                "prepack_linear": self.prepack_linear, "cuda_graphs": self.cuda_graphs,
+                "torch_threads": torch.get_num_threads()}
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
         return info
@@ -76,7 +78,13 @@ def resolve(cfg) -> Hardware:
     prepack = bool(cfg.get("prepack_linear", False))
     if prepack:
         check_supported(torch.device(device), DTYPES[dtype_name])
+    cuda_graphs = bool(cfg.get("cuda_graphs", False))
+    if cuda_graphs and kind != "cuda":
+        raise SpecsweepError(f"hardware.cuda_graphs=true needs a CUDA device, not {device}")
+    if cuda_graphs and cfg.attn_implementation not in ("sdpa", "eager"):
+        raise SpecsweepError(f"hardware.cuda_graphs=true needs attn_implementation sdpa or eager "
+                             f"(an explicit mask over a static cache), not {cfg.attn_implementation}")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation, tree_mask == "bool",
-                    cfg.get("max_verify_tokens"), prepack)
+                    cfg.get("max_verify_tokens"), prepack, cuda_graphs)

@@ -77,6 +77,8 @@ def main(argv=None) -> int:
         sampling, shape = decoding_settings(cfg)
         if not sampling.greedy or not shape.is_chain:
             raise SpecsweepError(f"{name}: replay needs greedy decoding and tree=chain")
+        if cfg.draft.get("recycle_branches", 1) > 1:  # its branches need the target's second choices
+            raise SpecsweepError(f"{name}: replay knows only the target's first choices, not recycle_branches > 1")
         drafter = build_drafter(cfg.draft, BuildContext(None, None, sampling, None, None, {}, Path(cfg.cache_dir)))
         rows.append({"strategy": name, "overrides": overrides, **replay(drafter, shape.num_nodes, samples)})
     table = Table("strategy", "steps", "tokens/step", "drafted/step", "acc. rate",

@@ -67,7 +67,7 @@ def build_engine(cfg: DictConfig, target, tokenizer, hw: hardware.Hardware, mode
     generator = torch.Generator(device=hw.device)
     ctx = BuildContext(target, tokenizer, sampling, generator, hw, model_dirs, Path(cfg.cache_dir))
     return Engine(target, build_drafter(cfg.draft, ctx), shape, sampling, cfg.decode.max_new_tokens,
-                  models.eos_token_ids(target, tokenizer), generator, hw.bool_masks)
+                  models.eos_token_ids(target, tokenizer), generator, hw.bool_masks, hw.cuda_graphs)
 
 
 def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None = None) -> dict:

@@ -30,3 +30,7 @@ def test_greedy_is_lossless_on_cuda(shape):
     for drafter in (ModelDrafter(draft, GREEDY), PromptLookupDrafter(max_ngram=3, min_ngram=1)):
         result = Engine(target, drafter, shape, GREEDY, 48, []).generate(prompt)
         assert result.output_ids == expected
+        graphs = Engine(target, drafter, shape, GREEDY, 48, [], cuda_graphs=True)
+        for _ in range(2):  # the second prompt replays the graphs the first one captured
+            assert graphs.generate(prompt).output_ids == expected
+    assert Engine(target, None, 0, GREEDY, 48, [], cuda_graphs=True).generate(prompt).output_ids == expected

@@ -171,6 +171,30 @@ def test_token_recycling_fills_weak_and_empty_matches_from_the_targets_choices()
     assert drafter.propose(strong, 8).tokens.tolist() == [3, 4, 1, 2, 3, 4, 1, 2]
 
 
+def test_token_recycling_trees_branch_on_the_targets_top_choices():
+    drafter = PromptLookupDrafter(max_ngram=3, weak_ngram=2, weak_tokens=1, recycle_tokens=3, recycle_branches=2)
+    logits = torch.zeros(4, 20)
+    logits[0, [13, 15]] = torch.tensor([2.0, 1.0])  # after 12: 13 first, 15 second
+    logits[1, 14] = logits[2, 12] = logits[3, 16] = 1  # 13 -> 14, 14 -> 12, 15 -> 16
+    drafter.on_scored(torch.tensor([12, 13, 14, 15]), logits)
+    assert drafter.recycled[12] == [13, 15]
+    ids = torch.tensor([[10, 11, 12]])  # no match: the two recycled branches after 12
+    drafter.reset(ids)
+    draft = drafter.propose(ids, 8)
+    assert draft.tree is not None  # two branches: a tree, verified in one forward
+
+    def leaves(draft):
+        tree = draft.tree
+        return {tuple(draft.tokens[list(tree.ancestry(i))].tolist()) for i in range(tree.num_nodes)
+                if not tree.children(i)}
+
+    assert leaves(draft) == {(13, 14, 12), (15, 16)}  # 16 has no recorded successor: that branch stops
+    assert drafter.propose(ids, 3).tokens.numel() == 3  # never more nodes than the room
+    weak = torch.tensor([[12, 13, 9, 11, 7, 12]])  # the 1-gram 12 matched: weak, its continuation 13 is
+    drafter.reset(weak)                              # also the first recycled choice, so the paths merge
+    assert leaves(drafter.propose(weak, 8)) == {(13, 14, 12), (15, 16)}
+
+
 def test_prompt_lookup_limits_weak_matches():
     drafter = PromptLookupDrafter(max_ngram=4, min_ngram=1, weak_ngram=3, weak_tokens=1)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 9, 5, 6, 7]])  # last 3 tokens matched earlier: a strong match

@@ -75,10 +75,10 @@ def test_prompt_lookup_matches_autoregressive(gamma):
     assert result.stats.accepted_tokens > 0
 
 
-@pytest.mark.parametrize("gamma", [1, 3, 12])
-def test_token_recycling_matches_autoregressive(gamma):
+@pytest.mark.parametrize("gamma, branches", [(1, 1), (3, 1), (12, 1), (3, 3)])
+def test_token_recycling_matches_autoregressive(gamma, branches):
     target = tiny_llama(6, vocab=48)
-    drafter = PromptLookupDrafter(4, 1, weak_ngram=3, weak_tokens=1, recycle_tokens=gamma)
+    drafter = PromptLookupDrafter(4, 1, weak_ngram=3, weak_tokens=1, recycle_tokens=gamma, recycle_branches=branches)
     engine = Engine(target, drafter, gamma, GREEDY, 60, [])
     for seed in (6, 7):  # the recycled table carries over to the second prompt
         prompt = prompt_for(seed, 48, length=20)

@@ -11,7 +11,8 @@
   Keys a row does not see must also stay out of its reduction, not merely be zeroed: a tree node
   sees the prefix and its ancestors, which a one-token decode of its path sees contiguously.
   Rows that see a contiguous run of keys from the start (a decode step, a chain) are done
-  together; other tree rows gather their keys first, one row at a time.
+  together. Other tree rows gather their keys first; rows that see equally many keys (the nodes
+  of one depth) are done together, as a batch of the same per-row products a decode step makes.
 """
 
 from __future__ import annotations
@@ -35,17 +36,36 @@ def _attend(query, key, value, mask, scaling):
     return out.view(b, hkv, d, groups, n).transpose(2, 3).reshape(b, hq, d, n)  # [B, Hkv, groups, D, n]
 
 
+def _attend_gathered(query, key, value, keys, scaling):
+    """query [B, Hq, g, D]; keys [g, c]: the key positions each of the g rows sees -> [B, Hq, D, g].
+    Row r computes exactly what `_attend` does for that row alone over ``key[:, :, keys[r]]``: the
+    same matmul shapes, batched over the rows."""
+    b, hq, g, d = query.shape
+    hkv, c = key.shape[1], keys.shape[1]
+    groups = hq // hkv
+    # one row copy per (head, key) from the [B*Hkv*L, D] view: ~5x faster than index_select on dim 2
+    length = key.shape[2]
+    flat = (torch.arange(b * hkv, device=keys.device)[:, None] * length + keys.flatten()[None]).flatten()
+    k = key.reshape(-1, d).index_select(0, flat).view(b, hkv, g, c, d)
+    v = value.reshape(-1, d).index_select(0, flat).view(b, hkv, g, c, d)
+    scores = torch.matmul(query.view(b, hkv, groups, g, d).transpose(2, 3), k.transpose(3, 4)) * scaling
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [B, Hkv, g, groups, c]
+    out = torch.matmul(v.transpose(3, 4), probs.transpose(3, 4))  # [B, Hkv, g, D, groups]
+    return out.permute(0, 1, 4, 3, 2).reshape(b, hq, d, g)
+
+
 def row_invariant_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     # query [B, Hq, n, D]; key/value [B, Hkv, L, D]; the mask is additive [B, 1, n, L] or None
     out = _attend(query, key, value, attention_mask, scaling)
     if attention_mask is not None and attention_mask.shape[0] == 1:  # the engine verifies one sequence
         allowed = attention_mask[0, 0] == 0  # [n, L]
-        seen = allowed.sum(-1, keepdim=True)
-        leading = torch.arange(allowed.shape[-1], device=allowed.device) < seen
-        for row in (allowed != leading).any(-1).nonzero().flatten().tolist():  # tree rows with gaps
-            keys = allowed[row].nonzero().flatten()
-            out[:, :, :, row:row + 1] = _attend(query[:, :, row:row + 1], key.index_select(2, keys),
-                                                value.index_select(2, keys), None, scaling)
+        seen = allowed.sum(-1)
+        leading = torch.arange(allowed.shape[-1], device=allowed.device) < seen[:, None]
+        gaps = (allowed != leading).any(-1)  # tree rows whose keys are not one run from the start
+        for count in seen[gaps].unique().tolist():
+            rows = (gaps & (seen == count)).nonzero().flatten()
+            keys = allowed[rows].nonzero()[:, 1].view(len(rows), count)  # ascending within each row
+            out[:, :, :, rows] = _attend_gathered(query[:, :, rows], key, value, keys, scaling)
     return out.permute(0, 3, 1, 2).contiguous(), None  # [B, n, Hq, D], as transformers expects
 
 

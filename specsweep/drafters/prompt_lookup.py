@@ -10,9 +10,13 @@ cutting the copy at the end of the committed text would propose p tokens there i
 draft (HF's prompt lookup does; on HumanEval 0..23 the overlap raised tokens per step by 11%).
 
 Token recycling (Luo et al., 2024, "Turning Trash into Treasure") fills the steps prompt lookup
-leaves empty or weak. The target's greedy choice after every token it scored along an accepted path
-is remembered (token -> next token, across prompts); when the match is weak or absent, the draft is
-extended to ``recycle_tokens`` tokens by following that table from the last token.
+leaves empty or weak. The target's top ``recycle_branches`` choices after every token it scored along
+an accepted path are remembered (token -> next tokens, kept across prompts). When the match is weak
+or absent, the draft follows that table's first choices for up to ``recycle_tokens`` tokens:
+* ``recycle_branches=1``: one chain, the weak match's continuation extended, else the recycled chain
+  after the last token;
+* ``recycle_branches=k>1``: a tree of the weak match's continuation and the k recorded choices after
+  the last token, each extended, verified in one forward (never more nodes than the chain length).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from specsweep.drafters.base import Draft, Drafter, fill_tree
+from specsweep.tree import Tree
 
 SUCCESSORS_KEPT = 4  # distinct next tokens remembered per n-gram, for tree drafts
 
@@ -30,17 +35,17 @@ class PromptLookupDrafter(Drafter):
     a long match proposes the full draft length."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, weak_ngram: int = 1, weak_tokens: int | None = None,
-                 recycle_tokens: int = 0):
+                 recycle_tokens: int = 0, recycle_branches: int = 1):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if weak_tokens is not None and weak_tokens < 0:
             raise ValueError(f"weak_tokens must be >= 0, got {weak_tokens}")
-        if recycle_tokens < 0:
-            raise ValueError(f"recycle_tokens must be >= 0, got {recycle_tokens}")
+        if recycle_tokens < 0 or recycle_branches < 1:
+            raise ValueError(f"need recycle_tokens >= 0 and recycle_branches >= 1, got {recycle_tokens}, {recycle_branches}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.weak_ngram, self.weak_tokens = weak_ngram, weak_tokens
-        self.recycle_tokens = recycle_tokens
-        self.recycled: dict[int, int] = {}  # token -> the target's greedy next token after it (kept across prompts)
+        self.recycle_tokens, self.recycle_branches = recycle_tokens, recycle_branches
+        self.recycled: dict[int, list[int]] = {}  # token -> the target's top choices after it (kept across prompts)
 
     def reset(self, prompt_ids: torch.Tensor) -> None:
         self.tokens: list[int] = []
@@ -65,12 +70,22 @@ class PromptLookupDrafter(Drafter):
     def propose(self, ids: torch.Tensor, max_tokens: int) -> Draft:
         self._extend(ids)
         draft, strong = self._lookup(max_tokens)
-        if not strong and self.recycle_tokens:
-            last = draft[-1] if draft else self.tokens[-1]
-            while len(draft) < min(self.recycle_tokens, max_tokens) and last in self.recycled:
-                last = self.recycled[last]
-                draft.append(last)
-        return Draft(torch.tensor(draft, dtype=torch.long, device=ids.device))
+        if strong or not self.recycle_tokens:
+            return Draft(torch.tensor(draft, dtype=torch.long, device=ids.device))
+        depth = min(self.recycle_tokens, max_tokens)
+        starts = [[t] for t in self.recycled.get(self.tokens[-1], ())]
+        if self.recycle_branches == 1:
+            paths = [self._recycle(draft[:depth] or starts[0], depth)] if draft or starts else []
+        else:
+            paths = ([self._recycle(draft[:depth], depth)] if draft else []) + [self._recycle(s, depth) for s in starts]
+        return _trie_draft(paths, max_tokens, ids.device)
+
+    def _recycle(self, path: list[int], depth: int) -> list[int]:
+        """``path`` extended to ``depth`` tokens by the target's recorded first choices."""
+        path = list(path)
+        while len(path) < depth and path[-1] in self.recycled:
+            path.append(self.recycled[path[-1]][0])
+        return path
 
     def _lookup(self, max_tokens: int) -> tuple[list[int], bool]:
         """The continuation of the longest matching suffix, and whether the match was strong."""
@@ -87,7 +102,7 @@ class PromptLookupDrafter(Drafter):
 
     def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
         if self.recycle_tokens:
-            self.recycled.update(zip(inputs.tolist(), logits.argmax(-1).tolist()))
+            self.recycled.update(zip(inputs.tolist(), logits.topk(self.recycle_branches, dim=-1).indices.tolist()))
 
     def propose_tree(self, ids: torch.Tensor, shape) -> Draft:
         """A node's children: the tokens that followed its longest matching n-grams, latest first."""
@@ -106,3 +121,19 @@ class PromptLookupDrafter(Drafter):
             return ranked[:k]
 
         return fill_tree(shape, candidates, ids.device)
+
+
+def _trie_draft(paths: list[list[int]], max_nodes: int, device: torch.device) -> Draft:
+    """Token paths merged on common prefixes, the first paths first, at most ``max_nodes`` nodes:
+    a chain Draft for one path, else a tree Draft (nodes in depth order, parents first)."""
+    node_of: dict[tuple[int, ...], int] = {}
+    for path in paths:
+        for end in range(1, len(path) + 1):
+            if tuple(path[:end]) not in node_of and len(node_of) < max_nodes:
+                node_of[tuple(path[:end])] = len(node_of)
+    prefixes = sorted(node_of, key=lambda p: (len(p), node_of[p]))
+    if all(len(p) == i + 1 for i, p in enumerate(prefixes)):  # a single chain
+        return Draft(torch.tensor(prefixes[-1] if prefixes else [], dtype=torch.long, device=device))
+    index = {p: i for i, p in enumerate(prefixes)}
+    tree = Tree(tuple(index[p[:-1]] if len(p) > 1 else -1 for p in prefixes))
+    return Draft(torch.tensor([p[-1] for p in prefixes], dtype=torch.long, device=device), tree=tree)
