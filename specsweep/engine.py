@@ -52,6 +52,7 @@ class Engine:
 
     ``shape`` is the draft per step: an int (a chain of that many tokens), a `Tree` or a
     `DynamicTreeSpec`. Trees are verified in one target forward with a tree attention mask.
+    ``runner`` holds the target's KV cache and runs its forwards (`specsweep.target`).
     """
 
     def __init__(
@@ -63,8 +64,7 @@ class Engine:
         max_new_tokens: int,
         eos_token_ids: list[int],
         generator: torch.Generator | None = None,
-        bool_masks: bool = False,
-        cuda_graphs: bool = False,
+        runner: DynamicTarget | GraphTarget | None = None,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"decode.max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -78,8 +78,7 @@ class Engine:
         self.eos = set(eos_token_ids)
         self.device = target.device
         self.generator = generator  # shared with a sampling drafter: one random stream per run
-        # the hardware profile's choices: NPU SDPA wants bool masks; CUDA graphs need a static cache
-        self.runner = GraphTarget(target) if cuda_graphs else DynamicTarget(target, bool_masks)
+        self.runner = runner or DynamicTarget(target)  # the hardware profile's (target.make_runner)
 
     def _choose(self, logits: torch.Tensor) -> int:
         if self.sampling.greedy:

@@ -21,8 +21,13 @@ class Hardware:
     max_verify_tokens: int | None = None  # most tokens one verify forward may hold and stay exact
     prepack_linear: bool = False  # reorder linear weights once for oneDNN (specsweep/prepack.py)
     cuda_graphs: bool = False  # static KV cache, verify forwards replayed as CUDA graphs (specsweep/target.py)
+    verify_width: int | None = None  # every forward after the prefill padded to this many rows (exact on GPU)
 
     def check_verify_size(self, tokens: int, setting: str) -> None:
+        if self.verify_width is not None and tokens > self.verify_width:
+            raise SpecsweepError(
+                f"{setting}: a verify forward of {tokens} tokens exceeds hardware.verify_width={self.verify_width}, "
+                f"the rows every target forward holds on this profile; raise it or use a smaller tree")
         if self.max_verify_tokens is not None and tokens > self.max_verify_tokens:
             raise SpecsweepError(
                 f"{setting}: a verify forward of {tokens} tokens exceeds hardware.max_verify_tokens="
@@ -33,6 +38,7 @@ class Hardware:
         info = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "attn_implementation": self.attn_implementation, "bool_masks": self.bool_masks,
                 "prepack_linear": self.prepack_linear, "cuda_graphs": self.cuda_graphs,
+                "verify_width": self.verify_width,
                 "torch_threads": torch.get_num_threads()}
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
@@ -84,7 +90,13 @@ def resolve(cfg) -> Hardware:
     if cuda_graphs and cfg.attn_implementation not in ("sdpa", "eager"):
         raise SpecsweepError(f"hardware.cuda_graphs=true needs attn_implementation sdpa or eager "
                              f"(an explicit mask over a static cache), not {cfg.attn_implementation}")
+    verify_width = cfg.get("verify_width")
+    if verify_width is not None and (isinstance(verify_width, bool) or not isinstance(verify_width, int)
+                                     or verify_width < 1):
+        raise SpecsweepError(f"hardware.verify_width must be a positive integer or null, got {verify_width!r}")
+    if verify_width is not None and tree_mask == "bool":
+        raise SpecsweepError("hardware.verify_width needs tree_mask=additive (its static cache takes additive masks)")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation, tree_mask == "bool",
-                    cfg.get("max_verify_tokens"), prepack, cuda_graphs)
+                    cfg.get("max_verify_tokens"), prepack, cuda_graphs, verify_width)

@@ -24,6 +24,7 @@ from specsweep.evaluation import pass_at_1
 from specsweep.metrics import summarize
 from specsweep.results import METRICS, SAMPLES, environment, write_json, write_jsonl
 from specsweep.sampling import Sampling
+from specsweep.target import make_runner
 from specsweep.tracking import make_tracker
 from specsweep.tree import DynamicTreeSpec, Tree
 
@@ -67,7 +68,7 @@ def build_engine(cfg: DictConfig, target, tokenizer, hw: hardware.Hardware, mode
     generator = torch.Generator(device=hw.device)
     ctx = BuildContext(target, tokenizer, sampling, generator, hw, model_dirs, Path(cfg.cache_dir))
     return Engine(target, build_drafter(cfg.draft, ctx), shape, sampling, cfg.decode.max_new_tokens,
-                  models.eos_token_ids(target, tokenizer), generator, hw.bool_masks, hw.cuda_graphs)
+                  models.eos_token_ids(target, tokenizer), generator, make_runner(target, hw))
 
 
 def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None = None) -> dict:

@@ -3,7 +3,8 @@
 Two implementations with one interface, chosen by `hardware.cuda_graphs`:
 
 * `DynamicTarget`: transformers' DynamicCache, which grows by concatenation and is cut back after
-  verification. Works everywhere.
+  verification. Works everywhere. (A cache growing in place, returning views of a doubling buffer,
+  was tried on cpu-bf16: attention over the strided views cost what the concatenation saved.)
 * `GraphTarget`: a StaticCache allocated once, and every verify forward of m tokens captured once as a
   CUDA graph and replayed. A 7B-sized target's one-token step is launch-bound in eager mode; replaying
   a graph removes the host's per-kernel cost (results/gpu_h100_2026-11-22: a 160M draft costs 0.57 of
@@ -11,6 +12,13 @@ Two implementations with one interface, chosen by `hardware.cuda_graphs`:
   all cache slots, so stale slots past the accepted tokens are never seen and the graph needs no
   Python-side shapes. ``capture=False`` runs the same static-cache forwards eagerly (what the CPU
   tests check).
+
+  With ``width`` (`hardware.verify_width`) every forward after the prefill holds exactly that many
+  rows, the unused ones padded (their KV lands in slots no real row sees). GPU matmul and attention
+  kernels are chosen by shape, so in bf16 a token scored in a 1-row step and in a 9-row verify can
+  differ in the last bit and flip a near-tie; with one shape for every step, autoregressive and
+  speculative decoding run the same kernels on every row and stay token for token equal. On an
+  H100 a 7B forward over 32 rows costs about 1.1 one-row forwards with graphs.
 """
 
 from __future__ import annotations
@@ -21,9 +29,17 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from specsweep.cache import compact
+from specsweep.hardware import Hardware
 from specsweep.tree import Tree
 
 CAPTURE_WARMUP = 3  # eager calls on a side stream before capture, as torch.cuda.graph's docs ask
+
+
+def make_runner(model, hw: Hardware) -> DynamicTarget | GraphTarget:
+    """The runner a hardware profile asks for: a static cache for CUDA graphs or a fixed verify width."""
+    if hw.cuda_graphs or hw.verify_width:
+        return GraphTarget(model, capture=hw.cuda_graphs, width=hw.verify_width)
+    return DynamicTarget(model, hw.bool_masks)
 
 
 class DynamicTarget:
@@ -52,15 +68,15 @@ class DynamicTarget:
 
 
 class GraphTarget:
-    def __init__(self, model, capture: bool = True):
-        self.model, self.capture = model, capture
+    def __init__(self, model, capture: bool = True, width: int | None = None):
+        self.model, self.capture, self.width = model, capture, width
         self.max_len = 0
         self.graphs: dict[int, tuple] = {}  # m -> (graph or None, static inputs, static logits)
         # transformers releases before the cache tracked its own length take explicit cache positions
         self.explicit_positions = "cache_position" in inspect.signature(model.forward).parameters
 
     def prefill(self, prompt_ids: torch.Tensor, room: int) -> torch.Tensor:
-        needed = prompt_ids.shape[1] + room + 1
+        needed = prompt_ids.shape[1] + room + (self.width or 1)
         if needed > self.max_len:  # a new cache moves the buffers the graphs point at: capture again
             self.max_len = max(needed, 2 * self.max_len)
             self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
@@ -71,14 +87,17 @@ class GraphTarget:
 
     def score(self, step_input: torch.Tensor, tree: Tree | None, cache_len: int) -> torch.Tensor:
         m = step_input.shape[1]
-        if m not in self.graphs:
-            self.graphs[m] = self._record(m, cache_len)
-        graph, inputs, logits = self.graphs[m]
+        rows = self.width or m
+        if m > rows:
+            raise ValueError(f"a forward of {m} tokens exceeds hardware.verify_width={rows}")
+        if rows not in self.graphs:
+            self.graphs[rows] = self._record(rows, cache_len)
+        graph, inputs, logits = self.graphs[rows]
         self._fill(inputs, step_input, tree, cache_len)
         if graph is None:
-            return self.model(**inputs, past_key_values=self.cache).logits[0]
+            return self.model(**inputs, past_key_values=self.cache).logits[0, :m]
         graph.replay()
-        return logits[0]
+        return logits[0, :m]
 
     def keep(self, start: int, positions: list[int]) -> None:
         # stale slots past the kept ones stay in place, masked out of every later forward
@@ -99,23 +118,26 @@ class GraphTarget:
         return inputs
 
     def _fill(self, inputs: dict, ids: torch.Tensor, tree: Tree | None, cache_len: int) -> None:
-        """Copy this forward's tokens, positions and mask into the static inputs; point the cache's
-        write position at ``cache_len``."""
-        m = ids.shape[1]
-        inputs["input_ids"].copy_(ids)
+        """Copy this forward's tokens, positions and mask into the static inputs (rows past the m
+        tokens of ``ids`` are padding: each sees the cache and itself); point the cache's write
+        position at ``cache_len``."""
+        m, rows = ids.shape[1], inputs["input_ids"].shape[1]
+        allowed = torch.eye(rows, dtype=torch.bool)
+        positions = torch.arange(cache_len, cache_len + rows)
         if tree is None:
-            positions = torch.arange(cache_len, cache_len + m, device=ids.device)[None]
-            allowed = torch.ones(m, m, dtype=torch.bool).tril()
+            allowed[:m, :m] = torch.ones(m, m, dtype=torch.bool).tril()
         else:
-            positions = tree.verify_position_ids(cache_len, ids.device)
-            allowed = tree.verify_mask(0, torch.float32, as_bool=True)[0, 0]
-        inputs["position_ids"].copy_(positions)
-        mask = torch.full((m, self.max_len), torch.finfo(self.model.dtype).min, dtype=self.model.dtype)
+            allowed[:m, :m] = tree.verify_mask(0, torch.float32, as_bool=True)[0, 0]
+            positions[:m] = tree.verify_position_ids(cache_len)[0]
+        inputs["input_ids"][:, m:] = 0
+        inputs["input_ids"][:, :m] = ids
+        inputs["position_ids"].copy_(positions[None])
+        mask = torch.full((rows, self.max_len), torch.finfo(self.model.dtype).min, dtype=self.model.dtype)
         mask[:, :cache_len] = 0
-        mask[:, cache_len:cache_len + m].masked_fill_(allowed, 0)
+        mask[:, cache_len:cache_len + rows].masked_fill_(allowed, 0)
         inputs["attention_mask"].copy_(mask[None, None])
         if self.explicit_positions:
-            inputs["cache_position"].copy_(torch.arange(cache_len, cache_len + m))
+            inputs["cache_position"].copy_(torch.arange(cache_len, cache_len + rows))
         for layer in self.cache.layers:
             length = getattr(layer, "cumulative_length", None)
             if isinstance(length, torch.Tensor):

@@ -9,6 +9,7 @@ from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 from specsweep.engine import Engine
 from specsweep.sampling import Sampling
+from specsweep.target import GraphTarget
 from specsweep.tree import Tree
 from tests.conftest import perturbed_copy, tiny_llama
 
@@ -30,7 +31,26 @@ def test_greedy_is_lossless_on_cuda(shape):
     for drafter in (ModelDrafter(draft, GREEDY), PromptLookupDrafter(max_ngram=3, min_ngram=1)):
         result = Engine(target, drafter, shape, GREEDY, 48, []).generate(prompt)
         assert result.output_ids == expected
-        graphs = Engine(target, drafter, shape, GREEDY, 48, [], cuda_graphs=True)
+        graphs = Engine(target, drafter, shape, GREEDY, 48, [], runner=GraphTarget(target))
         for _ in range(2):  # the second prompt replays the graphs the first one captured
             assert graphs.generate(prompt).output_ids == expected
-    assert Engine(target, None, 0, GREEDY, 48, [], cuda_graphs=True).generate(prompt).output_ids == expected
+    assert Engine(target, None, 0, GREEDY, 48, [], runner=GraphTarget(target)).generate(prompt).output_ids == expected
+
+
+def test_a_fixed_verify_width_keeps_bf16_decoding_exact():
+    """bf16 on the GPU picks kernels by shape; padded to one width, every step runs the same ones.
+    A random-weight 160M shape has nearly flat logits, so any rounding difference would flip a token."""
+    from specsweep.costs import MODELS, random_llama
+
+    torch.manual_seed(0)
+    model = random_llama(dict(MODELS["llama-160m"], vocab_size=2048), CUDA, torch.bfloat16)
+    accepted = 0
+    for seed in range(4):
+        prompt = torch.randint(2048, (1, 40), generator=torch.Generator().manual_seed(seed)).to(CUDA)
+        expected = Engine(model, None, 0, GREEDY, 64, [], runner=GraphTarget(model, width=16)).generate(prompt)
+        for shape in (8, Tree.binary(3)):
+            result = Engine(model, PromptLookupDrafter(3, 1), shape, GREEDY, 64, [],
+                            runner=GraphTarget(model, width=16)).generate(prompt)
+            assert result.output_ids == expected.output_ids, f"prompt {seed}, {shape}"
+            accepted += result.stats.accepted_tokens
+    assert accepted > 0

@@ -13,25 +13,21 @@ from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
 from specsweep.hardware import resolve
 from specsweep.sampling import Sampling
-from specsweep.target import GraphTarget
+from specsweep.run import check_tree_fits
+from specsweep.target import GraphTarget, make_runner
 from specsweep.tree import Tree
 from tests.conftest import perturbed_copy, tiny_llama
 
 GREEDY = Sampling()
 
 
-def static_engine(target, drafter, shape, limit):
-    engine = Engine(target, drafter, shape, GREEDY, limit, [])
-    engine.runner = GraphTarget(target, capture=False)
-    return engine
-
-
+@pytest.mark.parametrize("width", [None, 8], ids=["exact-size", "padded"])
 @pytest.mark.parametrize("shape", [4, Tree.binary(2)], ids=["chain4", "binary"])
-def test_static_cache_decodes_the_targets_own_tokens(shape):
+def test_static_cache_decodes_the_targets_own_tokens(shape, width):
     target = tiny_llama(0, vocab=32)
     draft = perturbed_copy(target, noise=0.5, seed=100)
     for drafter in (None, ModelDrafter(draft, GREEDY), PromptLookupDrafter(3, 1)):
-        engine = static_engine(target, drafter, shape, 40)
+        engine = Engine(target, drafter, shape, GREEDY, 40, [], runner=GraphTarget(target, capture=False, width=width))
         for length in (10, 30):  # the longer second prompt needs a bigger cache: reallocated
             prompt = torch.randint(32, (1, length), generator=torch.Generator().manual_seed(length))
             expected = Engine(target, None, 0, GREEDY, 40, []).generate(prompt).output_ids
@@ -42,10 +38,37 @@ def test_static_cache_decodes_the_targets_own_tokens(shape):
             if drafter is not None:
                 assert result.stats.accepted_tokens > 0
     assert engine.runner.max_len >= 30 + 40 + 1
+    if width:
+        assert list(engine.runner.graphs) == [width]  # one forward shape for every step
 
 
-def test_cuda_graphs_need_cuda_and_a_mask_taking_attention():
+def test_padded_rows_do_not_change_the_real_ones():
+    target = tiny_llama(2, vocab=32)
+    prompt = torch.randint(32, (1, 12), generator=torch.Generator().manual_seed(3))
+    logits = []
+    for width in (None, 6):
+        runner = GraphTarget(target, capture=False, width=width)
+        with torch.inference_mode():
+            runner.prefill(prompt[:, :9], 8)
+            logits.append(runner.score(prompt[:, 9:12], None, 9))
+    assert logits[0].shape == logits[1].shape == (3, 32)
+    torch.testing.assert_close(logits[1], logits[0])
+    with pytest.raises(ValueError, match="verify_width=2"):
+        GraphTarget(target, capture=False, width=2).score(prompt[:, :3], None, 0)
+
+
+def test_hardware_checks_graphs_and_widths():
     cfg = OmegaConf.create({"name": "x", "device": "cpu", "dtype": "float32", "attn_implementation": "sdpa",
                             "cuda_graphs": True})
     with pytest.raises(SpecsweepError, match="needs a CUDA device"):
         resolve(cfg)
+    cfg.cuda_graphs = False
+    for bad in (0, 2.5, True):
+        cfg.verify_width = bad
+        with pytest.raises(SpecsweepError, match="verify_width must be a positive integer"):
+            resolve(cfg)
+    cfg.verify_width = 8
+    hw = resolve(cfg)
+    assert isinstance(make_runner(tiny_llama(0), hw), GraphTarget)
+    with pytest.raises(SpecsweepError, match="verify_width=8"):
+        check_tree_fits(hw, Tree.binary(3))

@@ -14,6 +14,7 @@ from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 from specsweep.engine import Engine
 from specsweep.sampling import Sampling, sample
+from specsweep.target import DynamicTarget
 from specsweep.tree import DynamicTreeSpec, Tree
 from specsweep.verify import verify_greedy, verify_tree_greedy, verify_tree_stochastic
 from tests.conftest import perturbed_copy, tiny_llama
@@ -196,6 +197,6 @@ def test_bool_tree_masks_give_the_same_output_with_sdpa():
     drafter = ModelDrafter(perturbed_copy(target, 0.4, 39), GREEDY, bool_masks=True)
     prompt = prompt_for(8, 48)
     for shape in (MEDUSA_LIKE, DynamicTreeSpec(budget=10, depth=4, k=3)):
-        result = Engine(target, drafter, shape, GREEDY, 30, [], bool_masks=True).generate(prompt)
+        result = Engine(target, drafter, shape, GREEDY, 30, [], runner=DynamicTarget(target, bool_masks=True)).generate(prompt)
         assert result.output_ids == autoregressive(target, prompt, 30)
         assert result.stats.accepted_tokens > 0
