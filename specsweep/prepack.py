@@ -4,9 +4,12 @@ torch's bf16 CPU linear reorders the weight into oneDNN's blocked layout on ever
 one-token decode step that reorder costs about as much as the product itself (a 1536x576 layer:
 108 us plain, 64 us packed, on this repo's CPU), so the target's linear layers run about twice as fast
 with the weight reordered once at load time, as inductor's freezing pass does for compiled models.
-The packed product has the same bits as the plain one, for any number of rows
-(tests/test_prepack.py), so it changes speed only. Layers with a bias are left alone: oneDNN adds
-the bias before rounding to bf16 and torch after, which would change bits (Llama has no biases).
+For up to 32 rows, which covers every decode and verify forward of `hardware=cpu-bf16`, the packed
+product has the same bits as the plain one (tests/test_prepack.py). A long prefill can round
+differently, because oneDNN blocks many rows differently. A packed model's greedy output can
+therefore differ from the unpacked model's. Every strategy of a run shares the one packed model, and
+tests/test_bf16.py checks the row invariance that losslessness needs on it. Layers with a bias are
+left alone: oneDNN adds the bias before rounding to bf16 and torch after (Llama has no biases).
 """
 
 from __future__ import annotations
