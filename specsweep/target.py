@@ -1,6 +1,6 @@
 """The target's side of a decode step: prefill, score root + draft in one forward, keep the accepted KV.
 
-Two implementations with one interface, chosen by `hardware.cuda_graphs`:
+Two implementations with one interface; `make_runner` picks one from the hardware profile:
 
 * `DynamicTarget`: transformers' DynamicCache, which grows by concatenation and is cut back after
   verification. Works everywhere. (A cache growing in place, returning views of a doubling buffer,
@@ -18,7 +18,7 @@ Two implementations with one interface, chosen by `hardware.cuda_graphs`:
   kernels are chosen by shape, so in bf16 a token scored in a 1-row step and in a 9-row verify can
   differ in the last bit and flip a near-tie; with one shape for every step, autoregressive and
   speculative decoding run the same kernels on every row and stay token for token equal. On an
-  H100 a 7B forward over 32 rows costs about 1.1 one-row forwards with graphs.
+  H100, padding to 32 rows made a 7B-shaped AR run 13% slower than unpadded graphs.
 """
 
 from __future__ import annotations
