@@ -129,10 +129,11 @@ def test_three_level_cascade_with_prompt_lookup_at_the_bottom():
     target = tiny_llama(25, vocab=16, init=0.5)
     big = ModelDrafter(perturbed_copy(target, 0.2, 26), GREEDY)
     small = ModelDrafter(perturbed_copy(target, 0.6, 27), GREEDY)
-    cascade = CascadeDrafter([big, small, PromptLookupDrafter(3, 1)], ["big", "small", "pld"],
-                             [[3, 2, 4], [0, 3, 4], [0, 0, 4]])
+    recycling = PromptLookupDrafter(3, 1, weak_ngram=2, weak_tokens=1, recycle_tokens=3)
+    cascade = CascadeDrafter([big, small, recycling], ["big", "small", "pld"], [[3, 2, 4], [0, 3, 4], [0, 0, 4]])
     prompt = torch.randint(0, 16, (1, 20), generator=torch.Generator().manual_seed(3))
     assert Engine(target, cascade, 9, GREEDY, 60, []).generate(prompt).output_ids == autoregressive(target, prompt, 60)
+    assert recycling.recycled  # the cascade passes the target's logits down to its levels
 
 
 def test_k_matrix_shape_must_match_levels():
