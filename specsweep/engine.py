@@ -154,8 +154,9 @@ class Engine:
             accepted = len(path)
             if draft is not None:
                 self.drafter.on_verified(accepted)
-                rows = [0] + [1 + i for i in path]  # the root's and the accepted nodes' logits
-                self.drafter.on_scored(torch.cat([ids[0, cache_len:length], draft.tokens[path]]), logits[rows])
+                # the root's and the accepted nodes' logits (a chain's are the first rows: no copy)
+                scored = logits[:accepted + 1] if draft.tree is None else logits[[0] + [1 + i for i in path]]
+                self.drafter.on_scored(torch.cat([ids[0, cache_len:length], draft.tokens[path]]), scored)
             for i, t in enumerate(new):  # stop at the first EOS, even inside the accepted draft
                 if t in self.eos:
                     new, accepted = new[: i + 1], min(accepted, i + 1)
