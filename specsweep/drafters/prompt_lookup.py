@@ -126,15 +126,15 @@ class PromptLookupDrafter(Drafter):
 
 def _trie_draft(paths: list[list[int]], max_nodes: int, device: torch.device) -> Draft:
     """Token paths merged on common prefixes, the first paths first, at most ``max_nodes`` nodes:
-    a chain Draft for one path, else a tree Draft (nodes in depth order, parents first)."""
+    a chain Draft for one path, else a tree Draft. Nodes are numbered path by path, so the first
+    path's rows see one unbroken run of keys and need no gather in `row_invariant` attention."""
     node_of: dict[tuple[int, ...], int] = {}
     for path in paths:
         for end in range(1, len(path) + 1):
             if tuple(path[:end]) not in node_of and len(node_of) < max_nodes:
                 node_of[tuple(path[:end])] = len(node_of)
-    prefixes = sorted(node_of, key=lambda p: (len(p), node_of[p]))
+    prefixes = list(node_of)  # parents come before their children
     if all(len(p) == i + 1 for i, p in enumerate(prefixes)):  # a single chain
         return Draft(torch.tensor(prefixes[-1] if prefixes else [], dtype=torch.long, device=device))
-    index = {p: i for i, p in enumerate(prefixes)}
-    tree = Tree(tuple(index[p[:-1]] if len(p) > 1 else -1 for p in prefixes))
+    tree = Tree(tuple(node_of[p[:-1]] if len(p) > 1 else -1 for p in prefixes))
     return Draft(torch.tensor([p[-1] for p in prefixes], dtype=torch.long, device=device), tree=tree)
