@@ -13,9 +13,9 @@ def truncate(cache: DynamicCache, length: int) -> None:
         cache.crop(-excess)
 
 
-def compact(cache: DynamicCache, start: int, keep: list[int]) -> None:
+def move(cache, start: int, keep: list[int]) -> None:
     """Move the KV entries at positions ``keep`` (ascending, >= start) to ``start, start+1, ...``
-    and drop everything after them: the accepted path of a verified tree, put in sequence order."""
+    (a dynamic or static cache); what lies after them is left in place."""
     if keep != list(range(start, start + len(keep))):
         for layer in cache.layers:
             if layer.keys is None or layer.keys.numel() == 0:
@@ -23,4 +23,22 @@ def compact(cache: DynamicCache, start: int, keep: list[int]) -> None:
             index = torch.tensor(keep, device=layer.keys.device)
             layer.keys[..., start:start + len(keep), :] = layer.keys.index_select(-2, index)
             layer.values[..., start:start + len(keep), :] = layer.values.index_select(-2, index)
+
+
+def compact(cache: DynamicCache, start: int, keep: list[int]) -> None:
+    """`move`, then drop everything after the kept entries: the accepted path of a verified tree,
+    put in sequence order."""
+    move(cache, start, keep)
     truncate(cache, start + len(keep))
+
+
+def set_write_position(cache, length: int) -> None:
+    """Point a StaticCache's write position at ``length``. Recent transformers keep it as a device
+    tensor that each forward (and so each CUDA-graph replay) advances; older ones take the
+    ``cache_position`` input instead and have nothing to set."""
+    for layer in cache.layers:
+        position = getattr(layer, "cumulative_length", None)
+        if isinstance(position, torch.Tensor):
+            position.fill_(length)
+        elif isinstance(position, int):
+            layer.cumulative_length = length

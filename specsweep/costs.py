@@ -31,9 +31,10 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
 
 from specsweep.attention.timing import measure
-from specsweep.cache import truncate
+from specsweep.cache import set_write_position, truncate
 from specsweep.hardware import DTYPES
 from specsweep.metrics import expected_tokens
+from specsweep.target import capture_graph
 
 MODELS = {  # the shapes of the seeds' targets and drafts; "tiny" is for tests
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -50,7 +51,6 @@ MODELS = {  # the shapes of the seeds' targets and drafts; "tiny" is for tests
 }
 DRAFT, TARGETS = "llama-160m", ("llama2-7b", "llama2-13b")  # the seeds' pairs (same tokenizer)
 MAX_GAMMA = 8
-GRAPH_WARMUP = 3  # eager calls on a side stream before capture, as torch.cuda.graph's docs ask
 TABLE_NS = (1, 8, 16, 32, 64)
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -88,38 +88,16 @@ def time_eager(model, prefix: int, ns: list[int], device, args) -> dict[int, lis
             for n in ns}
 
 
-def _rewind(cache: StaticCache, prefix: int) -> None:
-    """Point a static cache's write position back at ``prefix``. Recent transformers keep it as a
-    device tensor that each forward (and so each graph replay) advances; older ones take the
-    ``cache_position`` input instead and have nothing to rewind."""
-    for layer in cache.layers:
-        length = getattr(layer, "cumulative_length", None)
-        if isinstance(length, torch.Tensor):
-            length.fill_(prefix)
-        elif isinstance(length, int):
-            layer.cumulative_length = prefix
-
-
 def time_graph(model, prefix: int, ns: list[int], device, args) -> dict[int, list[float]]:
     max_len = prefix + max(ns) + 16
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     model(**step_inputs(model, 0, prefix, max_len, device), past_key_values=cache)
-    rewind = functools.partial(_rewind, cache, prefix)
+    rewind = functools.partial(set_write_position, cache, prefix)
     times = {}
     for n in ns:
         # Each replay rewrites slots prefix..prefix+n-1 with the same keys and values: fine for timing.
         forward = functools.partial(model, **step_inputs(model, prefix, n, max_len, device), past_key_values=cache)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(GRAPH_WARMUP):
-                rewind()
-                forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        rewind()
-        with torch.cuda.graph(graph):
-            static_out = forward()  # its memory belongs to the graph; kept until the graph goes
+        graph, static_out = capture_graph(rewind, forward)  # the output is kept until the graph goes
         rewind()
         times[n] = measure(graph.replay, device, args.warmup, args.repeats, reset=rewind)
         del graph, static_out

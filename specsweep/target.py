@@ -28,11 +28,29 @@ import inspect
 import torch
 from transformers import DynamicCache, StaticCache
 
-from specsweep.cache import compact
+from specsweep.cache import compact, move, set_write_position
 from specsweep.hardware import Hardware
 from specsweep.tree import Tree
 
 CAPTURE_WARMUP = 3  # eager calls on a side stream before capture, as torch.cuda.graph's docs ask
+
+
+def capture_graph(prepare, forward):
+    """``forward()`` captured as a CUDA graph after warm-up calls on a side stream; ``prepare()``
+    runs before each call (static inputs, the cache's write position). -> (graph, forward's output,
+    whose memory belongs to the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(CAPTURE_WARMUP):
+            prepare()
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    prepare()
+    with torch.cuda.graph(graph):
+        output = forward()
+    return graph, output
 
 
 def make_runner(model, hw: Hardware) -> DynamicTarget | GraphTarget:
@@ -100,12 +118,7 @@ class GraphTarget:
         return logits[0, :m]
 
     def keep(self, start: int, positions: list[int]) -> None:
-        # stale slots past the kept ones stay in place, masked out of every later forward
-        if positions != list(range(start, start + len(positions))):
-            index = torch.tensor(positions, device=self.cache.layers[0].keys.device)
-            for layer in self.cache.layers:
-                layer.keys[..., start:start + len(positions), :] = layer.keys.index_select(-2, index)
-                layer.values[..., start:start + len(positions), :] = layer.values.index_select(-2, index)
+        move(self.cache, start, positions)  # stale slots after them stay, masked out of later forwards
 
     def _inputs(self, m: int) -> dict:
         device = self.model.device
@@ -138,12 +151,7 @@ class GraphTarget:
         inputs["attention_mask"].copy_(mask[None, None])
         if self.explicit_positions:
             inputs["cache_position"].copy_(torch.arange(cache_len, cache_len + rows))
-        for layer in self.cache.layers:
-            length = getattr(layer, "cumulative_length", None)
-            if isinstance(length, torch.Tensor):
-                length.fill_(cache_len)
-            elif isinstance(length, int):
-                layer.cumulative_length = cache_len
+        set_write_position(self.cache, cache_len)
 
     def _record(self, m: int, cache_len: int) -> tuple:
         """Static inputs for m-token forwards and, with ``capture``, the CUDA graph that replays one.
@@ -152,15 +160,6 @@ class GraphTarget:
         if not self.capture:
             return None, inputs, None
         dummy = torch.zeros(1, m, dtype=torch.long, device=self.model.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(CAPTURE_WARMUP):
-                self._fill(inputs, dummy, None, cache_len)
-                self.model(**inputs, past_key_values=self.cache)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self._fill(inputs, dummy, None, cache_len)
-        with torch.cuda.graph(graph):
-            logits = self.model(**inputs, past_key_values=self.cache).logits
+        graph, logits = capture_graph(lambda: self._fill(inputs, dummy, None, cache_len),
+                                      lambda: self.model(**inputs, past_key_values=self.cache).logits)
         return graph, inputs, logits
