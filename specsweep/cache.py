@@ -1,4 +1,4 @@
-"""KV-cache surgery on transformers' DynamicCache: rollback after verification."""
+"""KV-cache surgery on transformers' caches: rollback and compaction after verification, static write position."""
 
 from __future__ import annotations
 
