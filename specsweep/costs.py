@@ -2,12 +2,13 @@
 
 A verify step is one target forward over n new tokens (a chain) on top of a KV cache of P prefix
 tokens. It is timed for n = 1..max_tokens on random-weight Llama models (timing depends only on
-shapes), in two modes: ``eager`` (a DynamicCache, Python dispatch included) and ``graph`` (a
-StaticCache, the forward captured once per n as a CUDA graph and replayed). From the medians come
+shapes), in up to four modes: ``eager`` (a DynamicCache, Python dispatch included), ``graph`` (a
+StaticCache, the forward captured once per n as a CUDA graph and replayed), ``compile`` (the
+static-cache forward through torch.compile) and ``compile-graph`` (compiled, then captured). From the medians come
 the verify-cost curve t(n)/t(1), the cost coefficient c = t_draft(1)/t_target(1) of Leviathan et al.
 (2023), and predicted speedups for gamma drafted tokens with i.i.d. acceptance rate alpha.
 
-    python -m specsweep.costs --models llama2-7b llama2-13b llama-160m --modes eager graph
+    python -m specsweep.costs --models llama2-7b llama2-13b llama-160m --modes eager graph compile compile-graph
 """
 
 from __future__ import annotations
@@ -88,20 +89,31 @@ def time_eager(model, prefix: int, ns: list[int], device, args) -> dict[int, lis
             for n in ns}
 
 
-def time_graph(model, prefix: int, ns: list[int], device, args) -> dict[int, list[float]]:
+def time_static(model, prefix: int, ns: list[int], device, args, step_model=None, capture: bool = True
+                ) -> dict[int, list[float]]:
+    """Forwards over a StaticCache: ``step_model`` (default ``model``; a compiled one for the compile
+    modes) runs the n-token steps, replayed as CUDA graphs with ``capture``. The prefill is eager."""
+    step_model = model if step_model is None else step_model
     max_len = prefix + max(ns) + 16
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     model(**step_inputs(model, 0, prefix, max_len, device), past_key_values=cache)
     rewind = functools.partial(set_write_position, cache, prefix)
     times = {}
     for n in ns:
-        # Each replay rewrites slots prefix..prefix+n-1 with the same keys and values: fine for timing.
-        forward = functools.partial(model, **step_inputs(model, prefix, n, max_len, device), past_key_values=cache)
+        # Each call rewrites slots prefix..prefix+n-1 with the same keys and values: fine for timing.
+        forward = functools.partial(step_model, **step_inputs(model, prefix, n, max_len, device), past_key_values=cache)
+        if not capture:
+            times[n] = measure(forward, device, args.warmup, args.repeats, reset=rewind)
+            continue
         graph, static_out = capture_graph(rewind, forward)  # the output is kept until the graph goes
         rewind()
         times[n] = measure(graph.replay, device, args.warmup, args.repeats, reset=rewind)
         del graph, static_out
     return times
+
+
+# mode -> (compiled with torch.compile, captured as CUDA graphs); eager runs a DynamicCache instead
+STATIC_MODES = {"graph": (False, True), "compile": (True, False), "compile-graph": (True, True)}
 
 
 def predicted_speedup(alpha: float, gamma: int, c: float, verify_ratio: float) -> float:
@@ -201,7 +213,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     parser.add_argument("--prefix", nargs="+", type=int, default=[512], help="KV-cache lengths P")
     parser.add_argument("--max-tokens", type=int, default=64, help="time n = 1..this")
-    parser.add_argument("--modes", nargs="+", choices=["eager", "graph"], default=["eager", "graph"])
+    parser.add_argument("--modes", nargs="+", choices=["eager", *STATIC_MODES], default=["eager", "graph"],
+                        help="compile modes compile the step forward once per model (torch's automatic dynamic "
+                             "shapes cover every n after the second)")
     parser.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
@@ -217,26 +231,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    timers = {"eager": time_eager, "graph": time_graph}
     modes = list(dict.fromkeys(args.modes))
-    if "graph" in modes and device.type != "cuda":
-        console.print(f"[yellow]graph mode skipped: CUDA graphs need a CUDA device, not {device}[/]")
-        modes.remove("graph")
+    for mode in [m for m in modes if m in STATIC_MODES and STATIC_MODES[m][1]]:
+        if device.type != "cuda":
+            console.print(f"[yellow]{mode} mode skipped: CUDA graphs need a CUDA device, not {device}[/]")
+            modes.remove(mode)
     ns = list(range(1, args.max_tokens + 1))
     rows = []
     torch.manual_seed(0)
     for name in dict.fromkeys(args.models):
         model = random_llama(MODELS[name], device, dtype)
+        compiled = torch.compile(model) if any(STATIC_MODES.get(m, (False,))[0] for m in modes) else None
         with torch.inference_mode():
             for mode in modes:
                 for prefix in args.prefix:
                     console.print(f"{name} {mode} P={prefix}: n = 1..{args.max_tokens}")
-                    times = timers[mode](model, prefix, ns, device, args)
+                    if mode == "eager":
+                        times = time_eager(model, prefix, ns, device, args)
+                    else:
+                        compile_step, capture = STATIC_MODES[mode]
+                        times = time_static(model, prefix, ns, device, args, compiled if compile_step else None, capture)
                     t1 = statistics.median(times[1])
                     rows += [{"model": name, "mode": mode, "dtype": args.dtype, "prefix": prefix, "n": n,
                               "median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
                               "repeats": len(ts), "ratio": statistics.median(ts) / t1} for n, ts in times.items()]
-        del model  # free the device before the next (up to 13B) model
+        del model, compiled  # free the device before the next (up to 13B) model
+        torch._dynamo.reset()  # and the compiled code that holds on to it
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

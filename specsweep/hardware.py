@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,7 @@ class Hardware:
     prepack_linear: bool = False  # reorder linear weights once for oneDNN (specsweep/prepack.py)
     cuda_graphs: bool = False  # static KV cache, verify forwards replayed as CUDA graphs (specsweep/target.py)
     verify_width: int | None = None  # every forward after the prefill padded to this many rows (exact on GPU)
+    compile: bool = False  # verify forwards through torch.compile (specsweep/target.py)
 
     def check_verify_size(self, tokens: int, setting: str) -> None:
         if self.verify_width is not None and tokens > self.verify_width:
@@ -38,7 +41,7 @@ class Hardware:
         info = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "attn_implementation": self.attn_implementation, "bool_masks": self.bool_masks,
                 "prepack_linear": self.prepack_linear, "cuda_graphs": self.cuda_graphs,
-                "verify_width": self.verify_width,
+                "verify_width": self.verify_width, "compile": self.compile,
                 "torch_threads": torch.get_num_threads()}
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
@@ -87,16 +90,23 @@ def resolve(cfg) -> Hardware:
     cuda_graphs = bool(cfg.get("cuda_graphs", False))
     if cuda_graphs and kind != "cuda":
         raise SpecsweepError(f"hardware.cuda_graphs=true needs a CUDA device, not {device}")
-    if cuda_graphs and cfg.attn_implementation not in ("sdpa", "eager"):
-        raise SpecsweepError(f"hardware.cuda_graphs=true needs attn_implementation sdpa or eager "
-                             f"(an explicit mask over a static cache), not {cfg.attn_implementation}")
+    compile_forwards = bool(cfg.get("compile", False))
+    for flag, on in (("cuda_graphs", cuda_graphs), ("compile", compile_forwards)):
+        if on and cfg.attn_implementation not in ("sdpa", "eager"):
+            raise SpecsweepError(f"hardware.{flag}=true needs attn_implementation sdpa or eager "
+                                 f"(an explicit mask over a static cache), not {cfg.attn_implementation}")
+    if compile_forwards and kind == "npu":
+        raise SpecsweepError("hardware.compile=true: torch.compile's inductor has no npu backend here")
+    if compile_forwards and kind == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise SpecsweepError(f"hardware.compile=true on the CPU needs a C++ compiler ({os.environ.get('CXX', 'g++')} not found)")
     verify_width = cfg.get("verify_width")
     if verify_width is not None and (isinstance(verify_width, bool) or not isinstance(verify_width, int)
                                      or verify_width < 1):
         raise SpecsweepError(f"hardware.verify_width must be a positive integer or null, got {verify_width!r}")
-    if verify_width is not None and tree_mask == "bool":
-        raise SpecsweepError("hardware.verify_width needs tree_mask=additive (its static cache takes additive masks)")
+    if (verify_width is not None or compile_forwards) and tree_mask == "bool":
+        raise SpecsweepError("hardware.verify_width and hardware.compile need tree_mask=additive "
+                             "(their static cache takes additive masks)")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation, tree_mask == "bool",
-                    cfg.get("max_verify_tokens"), prepack, cuda_graphs, verify_width)
+                    cfg.get("max_verify_tokens"), prepack, cuda_graphs, verify_width, compile_forwards)

@@ -37,9 +37,11 @@ def test_greedy_is_lossless_on_cuda(shape):
     assert Engine(target, None, 0, GREEDY, 48, [], runner=GraphTarget(target)).generate(prompt).output_ids == expected
 
 
-def test_a_fixed_verify_width_keeps_bf16_decoding_exact():
+@pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compiled-graphs"])
+def test_a_fixed_verify_width_keeps_bf16_decoding_exact(compile):
     """bf16 on the GPU picks kernels by shape; padded to one width, every step runs the same ones.
-    A random-weight 160M shape has nearly flat logits, so any rounding difference would flip a token."""
+    A random-weight 160M shape has nearly flat logits, so any rounding difference would flip a token.
+    Compiled (hardware.compile), the one width is also one compiled kernel set."""
     from specsweep.costs import MODELS, random_llama
 
     torch.manual_seed(0)
@@ -47,10 +49,11 @@ def test_a_fixed_verify_width_keeps_bf16_decoding_exact():
     accepted = 0
     for seed in range(4):
         prompt = torch.randint(2048, (1, 40), generator=torch.Generator().manual_seed(seed)).to(CUDA)
-        expected = Engine(model, None, 0, GREEDY, 64, [], runner=GraphTarget(model, width=16)).generate(prompt)
+        runner = GraphTarget(model, width=16, compile=compile)
+        expected = Engine(model, None, 0, GREEDY, 64, [], runner=runner).generate(prompt)
         for shape in (8, Tree.binary(3)):
             result = Engine(model, PromptLookupDrafter(3, 1), shape, GREEDY, 64, [],
-                            runner=GraphTarget(model, width=16)).generate(prompt)
+                            runner=GraphTarget(model, width=16, compile=compile)).generate(prompt)
             assert result.output_ids == expected.output_ids, f"prompt {seed}, {shape}"
             accepted += result.stats.accepted_tokens
     assert accepted > 0

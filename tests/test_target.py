@@ -42,6 +42,21 @@ def test_static_cache_decodes_the_targets_own_tokens(shape, width):
         assert list(engine.runner.graphs) == [width]  # one forward shape for every step
 
 
+def test_compiled_forwards_decode_the_targets_own_tokens():
+    """hardware.compile: the verify forwards through torch.compile (inductor's C++ backend here)."""
+    target = tiny_llama(0, vocab=32)
+    for shape in (4, Tree.binary(2)):
+        runner = GraphTarget(target, capture=False, compile=True)
+        engine = Engine(target, PromptLookupDrafter(3, 1), shape, GREEDY, 40, [], runner=runner)
+        for length in (10, 30):
+            prompt = torch.randint(32, (1, length), generator=torch.Generator().manual_seed(length))
+            expected = Engine(target, None, 0, GREEDY, 40, []).generate(prompt).output_ids
+            result = engine.generate(prompt)
+            assert result.output_ids == expected
+            assert result.stats.accepted_tokens > 0
+    assert runner.step_model is not target  # the compiled wrapper ran the steps
+
+
 def test_padded_rows_do_not_change_the_real_ones():
     target = tiny_llama(2, vocab=32)
     prompt = torch.randint(32, (1, 12), generator=torch.Generator().manual_seed(3))
@@ -70,5 +85,14 @@ def test_hardware_checks_graphs_and_widths():
     cfg.verify_width = 8
     hw = resolve(cfg)
     assert isinstance(make_runner(tiny_llama(0), hw), GraphTarget)
+    cfg.verify_width, cfg.compile = None, True
+    model = tiny_llama(0)
+    assert make_runner(model, resolve(cfg)).step_model is not model  # compiled
+    cfg.attn_implementation = "row_invariant"
+    with pytest.raises(SpecsweepError, match="compile=true needs attn_implementation sdpa or eager"):
+        resolve(cfg)
+    cfg.attn_implementation, cfg.tree_mask = "sdpa", "bool"
+    with pytest.raises(SpecsweepError, match="need tree_mask=additive"):
+        resolve(cfg)
     with pytest.raises(SpecsweepError, match="verify_width=8"):
         check_tree_fits(hw, Tree.binary(3))
