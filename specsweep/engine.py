@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specsweep.drafters.base import Draft, Drafter
-from specsweep.sampling import Sampling, sample
+from specsweep.sampling import Sampling, greedy_tokens, sample
 from specsweep.target import DynamicTarget, GraphTarget
 from specsweep.tree import DynamicTreeSpec, Tree
 from specsweep.verify import verify_greedy, verify_stochastic, verify_tree_greedy, verify_tree_stochastic
@@ -82,7 +82,7 @@ class Engine:
 
     def _choose(self, logits: torch.Tensor) -> int:
         if self.sampling.greedy:
-            return int(logits.argmax(-1))
+            return int(greedy_tokens(logits))
         return int(sample(self.sampling.probabilities(logits), self.generator))
 
     def _propose(self, ids: torch.Tensor, room: int) -> Draft:

@@ -47,10 +47,11 @@ def replay(drafter, depth: int, samples: list[dict]) -> dict:
             accepted = 0
             while accepted < len(draft) and draft[accepted] == out[done + accepted]:
                 accepted += 1
-            drafter.on_verified(accepted)
-            chosen = torch.tensor(out[done:done + accepted + 1])  # the target's choices along the path
-            drafter.on_scored(torch.tensor(out[done - 1:done + accepted]),
-                              torch.nn.functional.one_hot(chosen, vocab).float())
+            if room:  # as in the engine: the hooks follow a proposal
+                drafter.on_verified(accepted)
+                chosen = torch.tensor(out[done:done + accepted + 1])  # the target's choices along the path
+                drafter.on_scored(torch.tensor(out[done - 1:done + accepted]),
+                                  torch.nn.functional.one_hot(chosen, vocab).float())
             steps, drafted, accepted_total = steps + 1, drafted + len(draft), accepted_total + accepted
             sizes[len(draft) + 1] = sizes.get(len(draft) + 1, 0) + 1
             done += accepted + 1

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from specsweep.sampling import sample
+from specsweep.sampling import greedy_tokens, sample
 
 
 def verify_greedy(target_logits: torch.Tensor, draft: torch.Tensor) -> tuple[int, int]:
     """Longest prefix of ``draft`` [n] equal to the target's argmax, then the target's argmax."""
-    choice = target_logits.argmax(-1)  # [n + 1]
+    choice = greedy_tokens(target_logits)  # [n + 1]
     matches = (choice[:-1] == draft).int()
     accepted = int(matches.cumprod(0).sum()) if draft.numel() else 0
     return accepted, int(choice[accepted])
@@ -69,7 +69,7 @@ def verify_tree_greedy(target_logits: torch.Tensor, tokens: torch.Tensor, tree) 
     ``target_logits`` [n + 1, V]: row 0 scores the root, row 1 + i node i. Returns the accepted node
     indices (root to deepest) and the target's next token after them.
     """
-    choice = target_logits.argmax(-1).tolist()
+    choice = greedy_tokens(target_logits).tolist()
     node_tokens = tokens.tolist()
 
     def choose_child(node):

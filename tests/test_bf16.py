@@ -77,8 +77,9 @@ def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
     model, tokenizer = bf16
     eos = models.eos_token_ids(model, tokenizer)
     ar = Engine(model, None, 0, GREEDY, 64, eos)
-    recycling = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycle_tokens=3)
-    recycling_tree = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycle_tokens=3, recycle_branches=4)
+    recycling = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=3, recycle_tokens=5, recycle_context=3)  # best's
+    recycling_tree = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycle_tokens=3, recycle_branches=4,
+                                         recycle_context=2)
     accepted = 0
     for problem in list(read_problems().values())[124:126]:
         ids = tokenizer(problem["prompt"], return_tensors="pt").input_ids
@@ -87,7 +88,7 @@ def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
                             eos_token_id=eos, pad_token_id=eos[0])[0, ids.shape[1]:].tolist()
         assert hf == expected
         for drafter, shape in ((PromptLookupDrafter(8, 1), 16), (PromptLookupDrafter(8, 1), Tree.binary(3)),
-                               (recycling, 31), (recycling_tree, 16)):
+                               (recycling, 15), (recycling_tree, 16)):
             result = Engine(model, drafter, shape, GREEDY, 64, eos).generate(ids)
             assert result.output_ids == expected, f"{shape}"
             accepted += result.stats.accepted_tokens

@@ -172,13 +172,36 @@ def test_token_recycling_fills_weak_and_empty_matches_from_the_targets_choices()
     assert drafter.propose(strong, 8).tokens.tolist() == [3, 4, 1, 2, 3, 4, 1, 2]
 
 
+def test_token_recycling_keys_choices_by_the_last_tokens():
+    """With recycle_context=2 the choice after (7, 12) and after (8, 12) are kept apart; a context
+    never recorded falls back to the last token alone."""
+    drafter = PromptLookupDrafter(max_ngram=1, weak_ngram=2, weak_tokens=0, recycle_tokens=2, recycle_context=2)
+
+    def score(text, chosen):  # one verify step after ``text``: root text[-1], nothing accepted
+        ids = torch.tensor([text])
+        drafter.propose(ids, 2)  # as the engine: the hooks follow a proposal
+        logits = torch.zeros(1, 30)
+        logits[0, chosen] = 1
+        drafter.on_scored(ids[0, -1:], logits)
+
+    drafter.reset(torch.tensor([[1]]))
+    score([1, 7, 12], 20)  # after 7 12: 20
+    score([1, 7, 12, 20, 8, 12], 21)  # after 8 12: 21, and after 12 alone now 21
+    assert drafter.recycled[(7, 12)] == [20] and drafter.recycled[(8, 12)] == [21] and drafter.recycled[(12,)] == [21]
+    for text, first in (([2, 7, 12], 20), ([2, 8, 12], 21), ([2, 9, 12], 21)):
+        drafter.reset(torch.tensor([text]))
+        assert drafter.propose(torch.tensor([text]), 1).tokens.tolist() == [first]
+    with pytest.raises(ValueError, match="recycle_context >= 1"):
+        PromptLookupDrafter(recycle_tokens=2, recycle_context=0)
+
+
 def test_token_recycling_trees_branch_on_the_targets_top_choices():
     drafter = PromptLookupDrafter(max_ngram=3, weak_ngram=2, weak_tokens=1, recycle_tokens=3, recycle_branches=2)
     logits = torch.zeros(4, 20)
     logits[0, [13, 15]] = torch.tensor([2.0, 1.0])  # after 12: 13 first, 15 second
     logits[1, 14] = logits[2, 12] = logits[3, 16] = 1  # 13 -> 14, 14 -> 12, 15 -> 16
     drafter.on_scored(torch.tensor([12, 13, 14, 15]), logits)
-    assert drafter.recycled[12] == [13, 15]
+    assert drafter.recycled[(12,)] == [13, 15]
     ids = torch.tensor([[10, 11, 12]])  # no match: the two recycled branches after 12
     drafter.reset(ids)
     draft = drafter.propose(ids, 8)

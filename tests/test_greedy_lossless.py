@@ -75,10 +75,11 @@ def test_prompt_lookup_matches_autoregressive(gamma):
     assert result.stats.accepted_tokens > 0
 
 
-@pytest.mark.parametrize("gamma, branches", [(1, 1), (3, 1), (12, 1), (3, 3)])
-def test_token_recycling_matches_autoregressive(gamma, branches):
+@pytest.mark.parametrize("gamma, branches, context", [(1, 1, 1), (3, 1, 1), (12, 1, 1), (3, 3, 1), (5, 1, 3), (3, 3, 2)])
+def test_token_recycling_matches_autoregressive(gamma, branches, context):
     target = tiny_llama(6, vocab=48)
-    drafter = PromptLookupDrafter(4, 1, weak_ngram=3, weak_tokens=1, recycle_tokens=gamma, recycle_branches=branches)
+    drafter = PromptLookupDrafter(4, 1, weak_ngram=3, weak_tokens=1, recycle_tokens=gamma, recycle_branches=branches,
+                                  recycle_context=context)
     engine = Engine(target, drafter, gamma, GREEDY, 60, [])
     for seed in (6, 7):  # the recycled table carries over to the second prompt
         prompt = prompt_for(seed, 48, length=20)

@@ -78,7 +78,8 @@ def _build(cfg, ctx: BuildContext, prefix: str) -> Drafter | None:
         from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 
         return PromptLookupDrafter(cfg.max_ngram, cfg.min_ngram, cfg.get("weak_ngram", 1), cfg.get("weak_tokens"),
-                                   cfg.get("recycle_tokens", 0), cfg.get("recycle_branches", 1))
+                                   cfg.get("recycle_tokens", 0), cfg.get("recycle_branches", 1),
+                                   cfg.get("recycle_context", 1))
     if cfg.kind == "model":
         from specsweep.drafters.model import ModelDrafter
         from specsweep.models import check_same_tokenizer, load_model, load_tokenizer

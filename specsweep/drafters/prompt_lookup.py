@@ -12,8 +12,11 @@ experiment=best's tokens per step by 3% (2.31 -> 2.38), by 11% on the loop-heavy
 
 Token recycling (Luo et al., 2024, "Turning Trash into Treasure") fills the steps prompt lookup
 leaves empty or weak. The target's top ``recycle_branches`` choices after every token it scored along
-an accepted path are remembered (token -> next tokens, kept across prompts). When the match is weak
-or absent, the draft follows that table's first choices for up to ``recycle_tokens`` tokens:
+an accepted path are remembered, kept across prompts. They are keyed by the last
+``recycle_context`` tokens and by each shorter suffix of them; a lookup takes the longest key
+recorded. (Keyed by 3 tokens instead of 1, tokens per step on HumanEval 0..95 rose from 2.73 to
+2.91.) When the match is weak or absent, the draft follows that table's first choices for up to
+``recycle_tokens`` tokens:
 * ``recycle_branches=1``: one chain, the weak match's continuation extended, else the recycled chain
   after the last token;
 * ``recycle_branches=k>1``: a tree of the weak match's continuation and the k recorded choices after
@@ -25,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from specsweep.drafters.base import Draft, Drafter, fill_tree
+from specsweep.sampling import greedy_tokens
 from specsweep.tree import Tree
 
 SUCCESSORS_KEPT = 4  # distinct next tokens remembered per n-gram, for tree drafts
@@ -36,17 +40,20 @@ class PromptLookupDrafter(Drafter):
     a long match proposes the full draft length."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, weak_ngram: int = 1, weak_tokens: int | None = None,
-                 recycle_tokens: int = 0, recycle_branches: int = 1):
+                 recycle_tokens: int = 0, recycle_branches: int = 1, recycle_context: int = 1):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if weak_tokens is not None and weak_tokens < 0:
             raise ValueError(f"weak_tokens must be >= 0, got {weak_tokens}")
-        if recycle_tokens < 0 or recycle_branches < 1:
-            raise ValueError(f"need recycle_tokens >= 0 and recycle_branches >= 1, got {recycle_tokens}, {recycle_branches}")
+        if recycle_tokens < 0 or recycle_branches < 1 or recycle_context < 1:
+            raise ValueError(f"need recycle_tokens >= 0, recycle_branches >= 1 and recycle_context >= 1, "
+                             f"got {recycle_tokens}, {recycle_branches}, {recycle_context}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.weak_ngram, self.weak_tokens = weak_ngram, weak_tokens
-        self.recycle_tokens, self.recycle_branches = recycle_tokens, recycle_branches
-        self.recycled: dict[int, list[int]] = {}  # token -> the target's top choices after it (kept across prompts)
+        self.recycle_tokens, self.recycle_branches, self.recycle_context = recycle_tokens, recycle_branches, recycle_context
+        # last 1..recycle_context tokens -> the target's top choices after them (kept across prompts)
+        self.recycled: dict[tuple[int, ...], list[int]] = {}
+        self.tokens: list[int] = []  # the committed text as of the last proposal
 
     def reset(self, prompt_ids: torch.Tensor) -> None:
         self.tokens: list[int] = []
@@ -74,7 +81,7 @@ class PromptLookupDrafter(Drafter):
         if strong or not self.recycle_tokens:
             return Draft(torch.tensor(draft, dtype=torch.long, device=ids.device))
         depth = min(self.recycle_tokens, max_tokens)
-        starts = [[t] for t in self.recycled.get(self.tokens[-1], ())]
+        starts = [[t] for t in self._recycled_after(self.tokens)]
         if self.recycle_branches == 1:
             paths = [self._recycle(draft[:depth] or starts[0], depth)] if draft or starts else []
         else:
@@ -84,9 +91,20 @@ class PromptLookupDrafter(Drafter):
     def _recycle(self, path: list[int], depth: int) -> list[int]:
         """``path`` extended to ``depth`` tokens by the target's recorded first choices."""
         path = list(path)
-        while len(path) < depth and path[-1] in self.recycled:
-            path.append(self.recycled[path[-1]][0])
+        while len(path) < depth:
+            choices = self._recycled_after(self.tokens[-self.recycle_context:] + path)
+            if not choices:
+                break
+            path.append(choices[0])
         return path
+
+    def _recycled_after(self, context: list[int]) -> list[int]:
+        """The target's recorded choices after the longest recorded suffix of ``context``."""
+        for n in range(min(self.recycle_context, len(context)), 0, -1):
+            choices = self.recycled.get(tuple(context[len(context) - n:]))
+            if choices:
+                return choices
+        return []
 
     def _lookup(self, max_tokens: int) -> tuple[list[int], bool]:
         """The continuation of the longest matching suffix, and whether the match was strong."""
@@ -102,8 +120,18 @@ class PromptLookupDrafter(Drafter):
         return [], False
 
     def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
-        if self.recycle_tokens:
-            self.recycled.update(zip(inputs.tolist(), logits.topk(self.recycle_branches, dim=-1).indices.tolist()))
+        if not self.recycle_tokens:
+            return
+        if self.recycle_branches == 1:
+            choices = greedy_tokens(logits)[:, None].tolist()
+        else:
+            choices = logits.topk(self.recycle_branches, dim=-1).indices.tolist()
+        # inputs[0] is the root, the last token of the text this step's draft was proposed after
+        before = self.tokens[-self.recycle_context:-1] if self.tokens and self.tokens[-1] == inputs[0] else []
+        text = before + inputs.tolist()
+        for end in range(len(before) + 1, len(text) + 1):  # the choices after text[:end]
+            for n in range(1, min(self.recycle_context, end) + 1):
+                self.recycled[tuple(text[end - n:end])] = choices[end - len(before) - 1]
 
     def propose_tree(self, ids: torch.Tensor, shape) -> Draft:
         """A node's children: the tokens that followed its longest matching n-grams, latest first."""
