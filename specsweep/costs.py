@@ -31,10 +31,13 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
 
+from specsweep.attention.hf import register as register_attention
 from specsweep.attention.timing import measure
 from specsweep.cache import set_write_position, truncate
+from specsweep.errors import SpecsweepError
 from specsweep.hardware import DTYPES
 from specsweep.metrics import expected_tokens
+from specsweep.prepack import check_supported, prepack_linears
 from specsweep.target import capture_graph
 
 MODELS = {  # the shapes of the seeds' targets and drafts; "tiny" is for tests
@@ -216,6 +219,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=["eager", *STATIC_MODES], default=["eager", "graph"],
                         help="compile modes compile the step forward once per model (torch's automatic dynamic "
                              "shapes cover every n after the second)")
+    parser.add_argument("--attn", choices=["sdpa", "eager", "row_invariant"], default="sdpa",
+                        help="attention implementation (row_invariant: as hardware=cpu-bf16)")
+    parser.add_argument("--prepack", action="store_true", help="prepack linear weights (bf16 CPU, as hardware=cpu-bf16)")
     parser.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
@@ -225,12 +231,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--max-tokens, --warmup, --repeats and --prefix must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    if args.attn == "row_invariant" and any(STATIC_MODES.get(m, (False,))[0] for m in args.modes):
+        parser.error("--attn row_invariant cannot be compiled (hardware.compile needs sdpa or eager)")
+    if args.prepack:
+        try:
+            check_supported(torch.device(args.device), DTYPES[args.dtype])
+        except SpecsweepError as err:
+            parser.error(f"--prepack: {err}")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    register_attention()  # makes row_invariant a valid attn_implementation
     modes = list(dict.fromkeys(args.modes))
     for mode in [m for m in modes if m in STATIC_MODES and STATIC_MODES[m][1]]:
         if device.type != "cuda":
@@ -240,7 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     torch.manual_seed(0)
     for name in dict.fromkeys(args.models):
-        model = random_llama(MODELS[name], device, dtype)
+        model = random_llama(MODELS[name], device, dtype, args.attn)
+        if args.prepack:
+            prepack_linears(model)
         compiled = torch.compile(model) if any(STATIC_MODES.get(m, (False,))[0] for m in modes) else None
         with torch.inference_mode():
             for mode in modes:

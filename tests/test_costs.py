@@ -6,9 +6,12 @@ import csv
 import json
 
 import pytest
+import torch
 
 from specsweep import costs
+from specsweep.errors import SpecsweepError
 from specsweep.metrics import expected_tokens
+from specsweep.prepack import check_supported
 
 
 def test_tiny_sweep_writes_rows_ratios_and_predictions(tmp_path):
@@ -66,3 +69,22 @@ def test_unknown_model_is_rejected(capsys):
     with pytest.raises(SystemExit):
         costs.main(["--models", "llama2-70b", "--device", "cpu"])
     assert "invalid choice: 'llama2-70b'" in capsys.readouterr().err
+
+
+def test_cpu_bf16_profile_timing_row_invariant_and_prepacked(tmp_path):
+    """--attn row_invariant --prepack time the forwards hardware=cpu-bf16 runs."""
+    try:
+        check_supported(torch.device("cpu"), torch.bfloat16)
+    except SpecsweepError as err:
+        pytest.skip(str(err))
+    result = costs.main(["--models", "tiny", "--device", "cpu", "--dtype", "bfloat16", "--attn", "row_invariant",
+                         "--prepack", "--prefix", "16", "--max-tokens", "3", "--modes", "eager", "--warmup", "1",
+                         "--repeats", "2", "--out", str(tmp_path)])
+    assert [r["n"] for r in result["rows"]] == [1, 2, 3]
+    assert result["args"]["attn"] == "row_invariant" and result["args"]["prepack"]
+
+
+def test_prepack_needs_bf16_on_the_cpu(capsys):
+    with pytest.raises(SystemExit):
+        costs.main(["--models", "tiny", "--device", "cpu", "--dtype", "float32", "--prepack"])
+    assert "--prepack: hardware.prepack_linear=true is for bfloat16 on the CPU" in capsys.readouterr().err
