@@ -8,7 +8,7 @@ import torch
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 from specsweep.engine import Engine
-from specsweep.sampling import Sampling
+from specsweep.sampling import Sampling, greedy_tokens
 from tests.conftest import perturbed_copy, tiny_llama
 
 GREEDY = Sampling()
@@ -27,6 +27,21 @@ def hf_greedy(target, prompt, limit, eos=()):
 def prompt_for(seed, vocab, length=12):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (1, length), generator=g)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_break_ties_as_argmax_does(device, dtype):
+    """HF generate takes argmax: on ties (frequent in bf16) the first maximal index, which
+    ``max(-1).indices`` must pick too, on every row length and position of the tie."""
+    logits = torch.randn(64, 49152, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for row in range(64):
+        first, second = sorted(torch.randperm(49152, generator=torch.Generator().manual_seed(row))[:2].tolist())
+        logits[row, first] = logits[row, second] = 10.0 + row % 3
+    logits = logits.to(device)
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert torch.equal(greedy_tokens(logits[:5]), logits[:5].argmax(-1))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
