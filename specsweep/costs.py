@@ -119,6 +119,10 @@ def time_static(model, prefix: int, ns: list[int], device, args, step_model=None
 STATIC_MODES = {"graph": (False, True), "compile": (True, False), "compile-graph": (True, True)}
 
 
+def any_compiled(modes: list[str]) -> bool:
+    return any(STATIC_MODES.get(mode, (False, False))[0] for mode in modes)
+
+
 def predicted_speedup(alpha: float, gamma: int, c: float, verify_ratio: float) -> float:
     """Leviathan et al.'s E / (gamma c + 1), with the measured t(gamma+1)/t(1) in place of the 1."""
     return expected_tokens(alpha, gamma) / (gamma * c + verify_ratio)
@@ -231,7 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--max-tokens, --warmup, --repeats and --prefix must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
-    if args.attn == "row_invariant" and any(STATIC_MODES.get(m, (False,))[0] for m in args.modes):
+    if args.attn == "row_invariant" and any_compiled(args.modes):
         parser.error("--attn row_invariant cannot be compiled (hardware.compile needs sdpa or eager)")
     if args.prepack:
         try:
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = random_llama(MODELS[name], device, dtype, args.attn)
         if args.prepack:
             prepack_linears(model)
-        compiled = torch.compile(model) if any(STATIC_MODES.get(m, (False,))[0] for m in modes) else None
+        compiled = torch.compile(model) if any_compiled(modes) else None
         with torch.inference_mode():
             for mode in modes:
                 for prefix in args.prefix:

@@ -48,6 +48,12 @@ class Hardware:
         return info
 
 
+def missing_cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile needs on the CPU ($CXX, else g++), if it is not installed."""
+    compiler = os.environ.get("CXX", "g++")
+    return compiler if shutil.which(compiler) is None else None
+
+
 def _npu_available() -> bool:
     try:
         import torch_npu  # noqa: F401  (registers the "npu" device)
@@ -97,8 +103,8 @@ def resolve(cfg) -> Hardware:
                                  f"(an explicit mask over a static cache), not {cfg.attn_implementation}")
     if compile_forwards and kind == "npu":
         raise SpecsweepError("hardware.compile=true: torch.compile's inductor has no npu backend here")
-    if compile_forwards and kind == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
-        raise SpecsweepError(f"hardware.compile=true on the CPU needs a C++ compiler ({os.environ.get('CXX', 'g++')} not found)")
+    if compile_forwards and kind == "cpu" and (compiler := missing_cxx_compiler()):
+        raise SpecsweepError(f"hardware.compile=true on the CPU needs a C++ compiler ({compiler} not found)")
     verify_width = cfg.get("verify_width")
     if verify_width is not None and (isinstance(verify_width, bool) or not isinstance(verify_width, int)
                                      or verify_width < 1):

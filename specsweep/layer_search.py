@@ -39,7 +39,7 @@ from specsweep.drafters.layer_skip import skip_view
 from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
 from specsweep.results import write_atomic, write_json
-from specsweep.sampling import Sampling
+from specsweep.sampling import Sampling, greedy_tokens
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class AgreementScorer:
         finally:
             if handle is not None:
                 handle.remove()
-        return view.lm_head(hidden[0, self.scored[index]]).argmax(-1)
+        return greedy_tokens(view.lm_head(hidden[0, self.scored[index]]))
 
     def _agreement(self, top1: list[torch.Tensor]) -> float:
         return sum(int((t == r).sum()) for t, r in zip(top1, self.reference)) / self.positions

@@ -6,13 +6,12 @@ CPU, excluded from timings by warm-up). Uncompiled it materialises the full scor
 
 from __future__ import annotations
 
-import os
-import shutil
 from functools import lru_cache
 
 import torch
 
 from specsweep.attention.layout import ancestor_mask
+from specsweep.hardware import missing_cxx_compiler
 from specsweep.tree import Tree
 
 try:
@@ -30,8 +29,7 @@ def available(device: torch.device) -> tuple[bool, str]:
         return False, f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
     if device.type not in ("cpu", "cuda"):
         return False, f"FlexAttention needs torch.compile, which does not support {device.type}"
-    compiler = os.environ.get("CXX", "g++")
-    if device.type == "cpu" and shutil.which(compiler) is None:
+    if device.type == "cpu" and (compiler := missing_cxx_compiler()):
         return False, f"torch.compile on CPU needs a C++ compiler ({compiler} not found)"
     return True, ""
 

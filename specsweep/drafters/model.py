@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from specsweep.cache import compact, truncate
 from specsweep.drafters.base import Draft, Drafter
-from specsweep.sampling import Sampling, sample
+from specsweep.sampling import Sampling, greedy_tokens, sample
 from specsweep.tree import DynamicTreeSpec, Tree, attention_mask_4d
 from specsweep.verify import verify_greedy
 
@@ -84,7 +84,7 @@ class ModelDrafter(Drafter):
                 q = self.sampling.probabilities(logits)
                 token = sample(q, self.generator)
             else:
-                q, token = None, logits.argmax(-1)
+                q, token = None, greedy_tokens(logits)
             if self.confidence_threshold is not None:
                 top = (q if q is not None else logits.float().softmax(-1)).max()
                 if top < self.confidence_threshold:
