@@ -95,7 +95,7 @@ class GraphTarget:
         self.model, self.capture, self.width = model, capture, width
         self.step_model = torch.compile(model) if compile else model  # runs every forward after the prefill
         self.max_len = 0
-        self.graphs: dict[int, tuple] = {}  # m -> (graph or None, static inputs, static logits)
+        self.graphs: dict[int, tuple] = {}  # m -> (graph, static inputs, static logits)
         # transformers releases before the cache tracked its own length take explicit cache positions
         self.explicit_positions = "cache_position" in inspect.signature(model.forward).parameters
 
@@ -114,12 +114,14 @@ class GraphTarget:
         rows = self.width or m
         if m > rows:
             raise ValueError(f"a forward of {m} tokens exceeds hardware.verify_width={rows}")
+        if not self.capture:  # fresh inputs: row_invariant attention keeps its analysis of a mask per mask object
+            inputs = self._inputs(rows)
+            self._fill(inputs, step_input, tree, cache_len)
+            return self.step_model(**inputs, past_key_values=self.cache).logits[0, :m]
         if rows not in self.graphs:
             self.graphs[rows] = self._record(rows, cache_len)
         graph, inputs, logits = self.graphs[rows]
         self._fill(inputs, step_input, tree, cache_len)
-        if graph is None:
-            return self.step_model(**inputs, past_key_values=self.cache).logits[0, :m]
         graph.replay()
         return logits[0, :m]
 
@@ -160,11 +162,9 @@ class GraphTarget:
         set_write_position(self.cache, cache_len)
 
     def _record(self, m: int, cache_len: int) -> tuple:
-        """Static inputs for m-token forwards and, with ``capture``, the CUDA graph that replays one.
-        Warm-up and capture write into slots from ``cache_len`` on; the real forward rewrites them."""
+        """Static inputs for m-token forwards and the CUDA graph that replays one. Warm-up and
+        capture write into slots from ``cache_len`` on; the real forward rewrites them."""
         inputs = self._inputs(m)
-        if not self.capture:
-            return None, inputs, None
         dummy = torch.zeros(1, m, dtype=torch.long, device=self.model.device)
         graph, logits = capture_graph(lambda: self._fill(inputs, dummy, None, cache_len),
                                       lambda: self.step_model(**inputs, past_key_values=self.cache).logits)

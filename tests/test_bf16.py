@@ -57,10 +57,18 @@ def test_chain_rows_have_the_bits_of_one_token_steps(bf16, prefix_len):
         assert all(torch.equal(rows[i], steps[i]) for i in range(n)), f"{n} tokens after {prefix_len}"
 
 
+# binary: its gap rows are gathered by depth; two and three branches of a recycling tree: by chain
+@pytest.mark.parametrize("tree, by", [(Tree.binary(3), "depth"), (Tree((-1, 0, 1, 2, -1, 4, 5, 6)), "chain"),
+                                      (Tree((-1, 0, 1, -1, 3, 4, 0, 6, 7)), "chain")],
+                         ids=["binary", "two-branches", "three-branches"])
 @torch.inference_mode()
-def test_tree_rows_have_the_bits_of_decoding_their_path(bf16):
+def test_tree_rows_have_the_bits_of_decoding_their_path(bf16, tree, by):
+    from specsweep.attention.hf import _gather_plan
+
     model, _ = bf16
-    prefix_len, tree = 120, Tree.binary(3)
+    prefix_len = 120
+    by_chain = [chain_mask is not None for _, _, chain_mask, _ in _gather_plan(tree.verify_mask(prefix_len, torch.bfloat16), 3)]
+    assert by_chain and all(by_chain) == (by == "chain") and any(by_chain) == (by == "chain")
     cache = prefilled(model, prefix_len, seed=3)
     tokens = torch.randint(1000, (1, tree.num_nodes + 1), generator=torch.Generator().manual_seed(4))
     rows = model(input_ids=tokens, past_key_values=cache, attention_mask=tree.verify_mask(prefix_len, torch.bfloat16),
@@ -93,6 +101,21 @@ def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
             assert result.output_ids == expected, f"{shape}"
             accepted += result.stats.accepted_tokens
     assert accepted > 0
+
+
+def test_a_static_cache_keeps_bf16_trees_exact(bf16):
+    """`hardware.verify_width` runs the static-cache target; row_invariant attention keeps its
+    analysis of a tree mask per mask object, so no two forwards may share one."""
+    from specsweep.target import GraphTarget
+
+    model, tokenizer = bf16
+    eos = models.eos_token_ids(model, tokenizer)
+    ids = tokenizer(list(read_problems().values())[124]["prompt"], return_tensors="pt").input_ids
+    expected = Engine(model, None, 0, GREEDY, 48, eos).generate(ids).output_ids
+    for shape in (Tree.binary(3), 15):
+        drafter = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycle_tokens=3, recycle_branches=3)
+        runner = GraphTarget(model, capture=False, width=16)
+        assert Engine(model, drafter, shape, GREEDY, 48, eos, runner=runner).generate(ids).output_ids == expected, f"{shape}"
 
 
 def test_cpu_bf16_refuses_trees_beyond_its_exact_size():
