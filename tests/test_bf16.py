@@ -96,7 +96,7 @@ def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
                             eos_token_id=eos, pad_token_id=eos[0])[0, ids.shape[1]:].tolist()
         assert hf == expected
         for drafter, shape in ((PromptLookupDrafter(8, 1), 16), (PromptLookupDrafter(8, 1), Tree.binary(3)),
-                               (recycling, 15), (recycling_tree, 16)):
+                               (recycling, 31), (recycling_tree, 16)):
             result = Engine(model, drafter, shape, GREEDY, 64, eos).generate(ids)
             assert result.output_ids == expected, f"{shape}"
             accepted += result.stats.accepted_tokens
