@@ -35,7 +35,7 @@ from specsweep.attention.hf import register as register_attention
 from specsweep.attention.timing import measure
 from specsweep.cache import set_write_position, truncate
 from specsweep.errors import SpecsweepError
-from specsweep.hardware import DTYPES
+from specsweep.hardware import DTYPES, STATIC_CACHE_ATTENTION
 from specsweep.metrics import expected_tokens
 from specsweep.prepack import check_supported, prepack_linears
 from specsweep.target import capture_graph
@@ -235,8 +235,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--max-tokens, --warmup, --repeats and --prefix must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
-    if args.attn == "row_invariant" and any_compiled(args.modes):
-        parser.error("--attn row_invariant cannot be compiled (hardware.compile needs sdpa or eager)")
+    if args.attn not in STATIC_CACHE_ATTENTION and any_compiled(args.modes):
+        parser.error(f"--attn {args.attn} cannot be compiled (hardware.compile needs sdpa or eager)")
     if args.prepack:
         try:
             check_supported(torch.device(args.device), DTYPES[args.dtype])

@@ -12,6 +12,8 @@ from specsweep.errors import SpecsweepError
 from specsweep.prepack import check_supported
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# what hardware.cuda_graphs and hardware.compile take: an explicit mask over a static cache
+STATIC_CACHE_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def resolve(cfg) -> Hardware:
         raise SpecsweepError(f"hardware.cuda_graphs=true needs a CUDA device, not {device}")
     compile_forwards = bool(cfg.get("compile", False))
     for flag, on in (("cuda_graphs", cuda_graphs), ("compile", compile_forwards)):
-        if on and cfg.attn_implementation not in ("sdpa", "eager"):
+        if on and cfg.attn_implementation not in STATIC_CACHE_ATTENTION:
             raise SpecsweepError(f"hardware.{flag}=true needs attn_implementation sdpa or eager "
                                  f"(an explicit mask over a static cache), not {cfg.attn_implementation}")
     if compile_forwards and kind == "npu":

@@ -47,7 +47,8 @@ def _gather_plan(mask: torch.Tensor, heads: int) -> list[tuple]:
     """For a one-sequence additive mask [1, 1, n, L]: how to attend the tree rows whose keys are not
     one run from the start. -> groups of (rows, flat key rows of the [heads*L, D] view of K, and
     either the group's additive mask [1, 1, rows, keys] (a chain) or None with the keys per row (a
-    depth)). Every layer of a forward gets the same mask object, so the plan is kept for it."""
+    depth)). Every layer of a forward gets the same mask object, so the plan is kept for it; no two
+    forwards may therefore share one mask tensor (`GraphTarget` builds fresh inputs uncaptured)."""
     global _last_plan
     if _last_plan is not None and _last_plan[0]() is mask and _last_plan[1] == heads:
         return _last_plan[2]
@@ -58,7 +59,8 @@ def _gather_plan(mask: torch.Tensor, heads: int) -> list[tuple]:
     gap_rows = (allowed != leading).any(-1).nonzero().flatten()
     plan = []
     if gap_rows.numel():
-        chains, depths = _chains(allowed[gap_rows], seen[gap_rows]), seen[gap_rows].unique().tolist()
+        gap_seen = seen[gap_rows]
+        chains, depths = _chains(allowed[gap_rows], gap_seen), gap_seen.unique().tolist()
         offsets = torch.arange(heads, device=mask.device)[:, None] * length
         if len(chains) < len(depths):  # fewer gathers and products: deep, narrow trees
             for chain in chains:
@@ -70,7 +72,7 @@ def _gather_plan(mask: torch.Tensor, heads: int) -> list[tuple]:
                 plan.append((members, (offsets + keys[None]).flatten(), chain_mask[None, None], None))
         else:  # bushy trees: the nodes of one depth see equally many keys
             for count in depths:
-                rows = gap_rows[seen[gap_rows] == count]
+                rows = gap_rows[gap_seen == count]
                 keys = allowed[rows].nonzero()[:, 1]  # ascending within each row, rows one after another
                 plan.append((rows, (offsets + keys[None]).flatten(), None, count))
     _last_plan = (weakref.ref(mask), heads, plan)
@@ -116,18 +118,25 @@ def _attend_gathered(query, key, value, flat, count, scaling):
     return out.permute(0, 1, 4, 3, 2).reshape(b, hq, d, g)
 
 
+def _attend_chain(query, key, value, flat, chain_mask, scaling):
+    """query [B, Hq, g, D]; ``flat``: the rows of K's [B*Hkv*L, D] view the chain's deepest row
+    sees; ``chain_mask`` [1, 1, g, keys]: how many of them each row sees -> [B, Hq, D, g], each row
+    as `_attend` computes a chain verify's rows."""
+    b, hkv, _, d = key.shape
+    k = key.reshape(-1, d).index_select(0, flat).view(b, hkv, -1, d)
+    v = value.reshape(-1, d).index_select(0, flat).view(b, hkv, -1, d)
+    return _attend(query, k, v, chain_mask, scaling)
+
+
 def row_invariant_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     # query [B, Hq, n, D]; key/value [B, Hkv, L, D]; the mask is additive [B, 1, n, L] or None
     out = _attend(query, key, value, attention_mask, scaling)
     if attention_mask is not None and attention_mask.shape[0] == 1:  # the engine verifies one sequence
-        b, hkv, _, d = key.shape
-        for rows, flat, chain_mask, count in _gather_plan(attention_mask, b * hkv):
+        for rows, flat, chain_mask, count in _gather_plan(attention_mask, key.shape[0] * key.shape[1]):
             if chain_mask is None:
                 out[:, :, :, rows] = _attend_gathered(query[:, :, rows], key, value, flat, count, scaling)
-                continue
-            k = key.reshape(-1, d).index_select(0, flat).view(b, hkv, -1, d)
-            v = value.reshape(-1, d).index_select(0, flat).view(b, hkv, -1, d)
-            out[:, :, :, rows] = _attend(query[:, :, rows], k, v, chain_mask, scaling)
+            else:
+                out[:, :, :, rows] = _attend_chain(query[:, :, rows], key, value, flat, chain_mask, scaling)
     return out.permute(0, 3, 1, 2).contiguous(), None  # [B, n, Hq, D], as transformers expects
 
 
