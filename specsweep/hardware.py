@@ -27,6 +27,7 @@ class Hardware:
     cuda_graphs: bool = False  # static KV cache, verify forwards replayed as CUDA graphs (specsweep/target.py)
     verify_width: int | None = None  # every forward after the prefill padded to this many rows (exact on GPU)
     compile: bool = False  # verify forwards through torch.compile (specsweep/target.py)
+    lean_forward: bool = False  # verify forwards as bare tensor operations (specsweep/lean.py)
 
     def check_verify_size(self, tokens: int, setting: str) -> None:
         if self.verify_width is not None and tokens > self.verify_width:
@@ -43,7 +44,7 @@ class Hardware:
         info = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "attn_implementation": self.attn_implementation, "bool_masks": self.bool_masks,
                 "prepack_linear": self.prepack_linear, "cuda_graphs": self.cuda_graphs,
-                "verify_width": self.verify_width, "compile": self.compile,
+                "verify_width": self.verify_width, "compile": self.compile, "lean_forward": self.lean_forward,
                 "torch_threads": torch.get_num_threads()}
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
@@ -114,7 +115,13 @@ def resolve(cfg) -> Hardware:
     if (verify_width is not None or compile_forwards) and tree_mask == "bool":
         raise SpecsweepError("hardware.verify_width and hardware.compile need tree_mask=additive "
                              "(their static cache takes additive masks)")
+    lean_forward = bool(cfg.get("lean_forward", False))
+    if lean_forward:
+        check_supported(torch.device(device), DTYPES[dtype_name], "hardware.lean_forward=true")
+        if cuda_graphs or verify_width is not None or compile_forwards:
+            raise SpecsweepError("hardware.lean_forward=true verifies over a growing cache; it cannot be combined "
+                                 "with cuda_graphs, verify_width or compile (their static cache)")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation, tree_mask == "bool",
-                    cfg.get("max_verify_tokens"), prepack, cuda_graphs, verify_width, compile_forwards)
+                    cfg.get("max_verify_tokens"), prepack, cuda_graphs, verify_width, compile_forwards, lean_forward)

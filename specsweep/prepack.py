@@ -22,11 +22,12 @@ from torch import nn
 from specsweep.errors import SpecsweepError
 
 
-def check_supported(device: torch.device, dtype: torch.dtype) -> None:
+def check_supported(device: torch.device, dtype: torch.dtype, setting: str = "hardware.prepack_linear=true") -> None:
+    """Refuse ``setting``, which needs oneDNN's bf16 products, where they do not run."""
     if device.type != "cpu" or dtype != torch.bfloat16:
-        raise SpecsweepError(f"hardware.prepack_linear=true is for bfloat16 on the CPU, not {dtype} on {device.type}")
+        raise SpecsweepError(f"{setting} is for bfloat16 on the CPU, not {dtype} on {device.type}")
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        raise SpecsweepError("hardware.prepack_linear=true: this torch/CPU has no oneDNN bf16 support")
+        raise SpecsweepError(f"{setting}: this torch/CPU has no oneDNN bf16 support")
 
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

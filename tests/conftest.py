@@ -48,6 +48,17 @@ def embedded():
     return models.load_model(model_dir, Hardware(torch.device("cpu"), torch.float32, "sdpa")), tokenizer
 
 
+@pytest.fixture(scope="session")
+def bf16():
+    """(model, tokenizer): the embedded target as `hardware=cpu-bf16` loads it (bf16, row-invariant
+    attention, prepacked linears)."""
+    from specsweep import models
+
+    model_dir = models.resolve_model_dir("embedded:smollm2-135m-instruct", "target.path", CACHE_DIR)
+    hw = Hardware(torch.device("cpu"), torch.bfloat16, "row_invariant", prepack_linear=True)
+    return models.load_model(model_dir, hw), models.load_tokenizer(model_dir)
+
+
 def tiny_tokenizer(vocab_size: int = 300):
     """A byte-level BPE trained in milliseconds on this repo's Python sources (offline, deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

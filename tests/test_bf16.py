@@ -23,17 +23,9 @@ from specsweep.errors import SpecsweepError
 from specsweep.run import check_tree_fits
 from specsweep.sampling import Sampling
 from specsweep.tree import Tree
-from tests.conftest import CACHE_DIR, REPO
+from tests.conftest import REPO
 
 GREEDY = Sampling()
-
-
-@pytest.fixture(scope="module")
-def bf16():
-    """(model, tokenizer): the embedded target in bf16 with row-invariant attention."""
-    model_dir = models.resolve_model_dir("embedded:smollm2-135m-instruct", "target.path", CACHE_DIR)
-    model = models.load_model(model_dir, hardware.Hardware(torch.device("cpu"), torch.bfloat16, "row_invariant", prepack_linear=True))
-    return model, models.load_tokenizer(model_dir)
 
 
 def prefilled(model, prefix_len: int, seed: int) -> DynamicCache:

