@@ -55,15 +55,18 @@ def compose_cfg(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def ours(name: str, overrides: str, common: list[str], target, tokenizer, hw) -> Strategy:
+def ours(name: str, overrides: str, common: list[str], target, tokenizer, hw, prompts: list[list[int]]) -> Strategy:
     cfg = compose_cfg(common + overrides.split())
-    if hardware.resolve(cfg.hardware) != hw:  # one target is shared: its dtype and attention are fixed
+    own = hardware.resolve(cfg.hardware)
+    if not own.loads_like(hw):  # one target is shared: how it was loaded is fixed, how it runs is not
         raise SpecsweepError(f"strategy {name!r} runs on hardware={cfg.hardware.name}, the shared target on "
                              f"{hw.dtype} with {hw.attn_implementation}; pass --set hardware={cfg.hardware.name} to run "
                              "every strategy there")
     sampling, shape = decoding_settings(cfg)
-    check_tree_fits(hw, shape)
-    engine = build_engine(cfg, target, tokenizer, hw, resolve_model_dirs(cfg), sampling, shape)
+    check_tree_fits(own, shape)
+    engine = build_engine(cfg, target, tokenizer, own, resolve_model_dirs(cfg), sampling, shape)
+    if engine.drafter is not None:
+        engine.drafter.prepare(prompts)
 
     def run(ids):
         result = engine.generate(ids)
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     strategies = []
     for spec in args.ours:
         name, _, overrides = spec.partition("=")
-        strategies.append(ours(name, overrides, common, target, tokenizer, hw))
+        strategies.append(ours(name, overrides, common, target, tokenizer, hw, [p[0].tolist() for p in prompts]))
     if "generate" in args.hf:
         strategies.append(hf("hf-generate", target, eos, args.max_new_tokens))
     if "prompt-lookup" in args.hf:

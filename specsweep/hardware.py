@@ -40,6 +40,12 @@ class Hardware:
                 f"{self.max_verify_tokens}, beyond which this profile's kernels round differently than a "
                 f"one-token step (outputs would not be token-for-token the target's); use a smaller tree")
 
+    def loads_like(self, other: Hardware) -> bool:
+        """Whether a model loaded for ``other`` is the one this profile loads (`models.load_model`);
+        the other fields choose how its forwards run."""
+        fields = ("device", "dtype", "attn_implementation", "prepack_linear")
+        return all(getattr(self, f) == getattr(other, f) for f in fields)
+
     def describe(self) -> dict:
         info = {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "attn_implementation": self.attn_implementation, "bool_masks": self.bool_masks,

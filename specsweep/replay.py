@@ -81,6 +81,7 @@ def main(argv=None) -> int:
         if cfg.draft.get("recycle_branches", 1) > 1:  # its branches need the target's second choices
             raise SpecsweepError(f"{name}: replay knows only the target's first choices, not recycle_branches > 1")
         drafter = build_drafter(cfg.draft, BuildContext(None, None, sampling, None, None, {}, Path(cfg.cache_dir)))
+        drafter.prepare([s["prompt_ids"] for s in samples])
         rows.append({"strategy": name, "overrides": overrides, **replay(drafter, shape.num_nodes, samples)})
     table = Table("strategy", "steps", "tokens/step", "drafted/step", "acc. rate",
                   title=f"replay of {len(samples)} greedy outputs ({args.samples})")

@@ -84,6 +84,8 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None 
     target = models.load_model(model_dirs["target.path"], hw)
     engine = build_engine(cfg, target, tokenizer, hw, model_dirs, sampling, shape)
     generator, drafter = engine.generator, engine.drafter
+    if drafter is not None:
+        drafter.prepare(encoded)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     header = {**shape_record(shape), "config": resolved, "choices": choices, "hardware": hw.describe(), **environment()}

@@ -75,11 +75,14 @@ def _build(cfg, ctx: BuildContext, prefix: str) -> Drafter | None:
     if cfg.kind == "none":
         return None
     if cfg.kind == "prompt_lookup":
+        from specsweep.drafters.datastore import Datastore
         from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 
+        store = cfg.get("datastore")
+        store = Datastore(store, cfg.get("datastore_ngram", 4), cfg.max_ngram) if store else None
         return PromptLookupDrafter(cfg.max_ngram, cfg.min_ngram, cfg.get("weak_ngram", 1), cfg.get("weak_tokens"),
                                    cfg.get("recycle_tokens", 0), cfg.get("recycle_branches", 1),
-                                   cfg.get("recycle_context", 1))
+                                   cfg.get("recycle_context", 1), store, cfg.get("datastore_tokens", 15))
     if cfg.kind == "model":
         from specsweep.drafters.model import ModelDrafter
         from specsweep.models import check_same_tokenizer, load_model, load_tokenizer

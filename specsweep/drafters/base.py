@@ -23,7 +23,7 @@ class Draft:
 class Drafter:
     """One draft source. The engine owns the loop; a drafter only proposes and listens.
 
-    Per prompt the engine calls ``reset(prompt_ids)``, then repeatedly ``propose(ids, k)`` (chains)
+    A run first calls ``prepare(prompts)``; per prompt the engine calls ``reset(prompt_ids)``, then repeatedly ``propose(ids, k)`` (chains)
     or ``propose_tree(ids, shape)`` (trees), ``on_verified(accepted)`` and ``on_scored``. ``ids`` [1, L] is every
     committed token (prompt + output so far); its last token is the root the draft continues.
     After ``on_verified`` the committed sequence grows by the accepted draft tokens plus the
@@ -33,6 +33,9 @@ class Drafter:
     #: True when the draft returns the distributions it sampled from (needed for stochastic verification
     #: to use min(1, p/q); deterministic drafts are treated as one-hot q)
     samples = False
+
+    def prepare(self, prompts: list[list[int]]) -> None:
+        """Every prompt of the run, before the first is decoded."""
 
     def reset(self, prompt_ids: torch.Tensor) -> None:
         pass

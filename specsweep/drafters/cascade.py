@@ -41,6 +41,10 @@ class CascadeDrafter(Drafter):
         self.checked = [0] * len(levels)
         self.kept = [0] * len(levels)
 
+    def prepare(self, prompts: list[list[int]]) -> None:
+        for level in self.levels:
+            level.prepare(prompts)
+
     def reset(self, prompt_ids: torch.Tensor) -> None:
         for level in self.levels:
             level.reset(prompt_ids)

@@ -21,6 +21,10 @@ recorded. (Keyed by 3 tokens instead of 1, tokens per step on HumanEval 0..95 ro
   after the last token;
 * ``recycle_branches=k>1``: a tree of the weak match's continuation and the k recorded choices after
   the last token, each extended, verified in one forward (never more nodes than the chain length).
+
+With a ``datastore`` (`specsweep.drafters.datastore`: the target's outputs of an earlier run), a step
+without a strong match first continues the text's end from the datastore, up to ``datastore_tokens``
+tokens, and the recycling table starts with the datastore's recorded choices.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from specsweep.drafters.base import Draft, Drafter, fill_tree
+from specsweep.drafters.datastore import Datastore
 from specsweep.sampling import greedy_tokens
 from specsweep.tree import Tree
 
@@ -40,7 +45,8 @@ class PromptLookupDrafter(Drafter):
     a long match proposes the full draft length."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, weak_ngram: int = 1, weak_tokens: int | None = None,
-                 recycle_tokens: int = 0, recycle_branches: int = 1, recycle_context: int = 1):
+                 recycle_tokens: int = 0, recycle_branches: int = 1, recycle_context: int = 1,
+                 datastore: Datastore | None = None, datastore_tokens: int = 15):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if weak_tokens is not None and weak_tokens < 0:
@@ -54,8 +60,26 @@ class PromptLookupDrafter(Drafter):
         # last 1..recycle_context tokens -> the target's top choices after them (kept across prompts)
         self.recycled: dict[tuple[int, ...], list[int]] = {}
         self.tokens: list[int] = []  # the committed text as of the last proposal
+        if datastore_tokens < 1:
+            raise ValueError(f"datastore_tokens must be >= 1, got {datastore_tokens}")
+        self.datastore, self.datastore_tokens = datastore, datastore_tokens
+        self.warmed = False  # the recycling table holds the datastore's choices
+        self.datastore_drafts = 0  # steps drafted from the datastore
+
+    def prepare(self, prompts: list[list[int]]) -> None:
+        if self.datastore is not None:
+            if self.warmed:
+                raise RuntimeError("prepare() must come before the first prompt")
+            self.datastore.exclude(prompts)
 
     def reset(self, prompt_ids: torch.Tensor) -> None:
+        if self.datastore is not None and not self.warmed:
+            self.warmed = True
+            if self.recycle_tokens:
+                for text, start in self.datastore.texts():
+                    for end in range(start, len(text)):  # the target chose text[end] after text[:end]
+                        for n in range(1, min(self.recycle_context, end) + 1):
+                            self.recycled[tuple(text[end - n:end])] = [text[end]]
         self.tokens: list[int] = []
         self.next_after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
         self.successors: dict[tuple[int, ...], list[int]] = {}  # n-gram -> distinct next tokens, latest first
@@ -78,6 +102,11 @@ class PromptLookupDrafter(Drafter):
     def propose(self, ids: torch.Tensor, max_tokens: int) -> Draft:
         self._extend(ids)
         draft, strong = self._lookup(max_tokens)
+        if not strong and self.datastore is not None:
+            stored = self.datastore.continuation(self.tokens, min(self.datastore_tokens, max_tokens))
+            if stored:
+                self.datastore_drafts += 1
+                return Draft(torch.tensor(stored, dtype=torch.long, device=ids.device))
         if strong or not self.recycle_tokens:
             return Draft(torch.tensor(draft, dtype=torch.long, device=ids.device))
         depth = min(self.recycle_tokens, max_tokens)
@@ -132,6 +161,12 @@ class PromptLookupDrafter(Drafter):
         for end in range(len(before) + 1, len(text) + 1):  # the choices after text[:end]
             for n in range(1, min(self.recycle_context, end) + 1):
                 self.recycled[tuple(text[end - n:end])] = choices[end - len(before) - 1]
+
+    def counters(self) -> dict:
+        if self.datastore is None:
+            return {}
+        return {"datastore_entries": len(self.datastore.entries), "datastore_excluded": self.datastore.excluded,
+                "datastore_drafts": self.datastore_drafts}
 
     def propose_tree(self, ids: torch.Tensor, shape) -> Draft:
         """A node's children: the tokens that followed its longest matching n-grams, latest first."""

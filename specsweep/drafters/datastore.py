@@ -1,0 +1,76 @@
+"""A datastore of the target's own earlier outputs, for prompt lookup to copy from (REST-like).
+
+Retrieval drafting (He et al., 2024, "REST") continues the current suffix from a corpus instead of
+from the prompt. Here the corpus is what this target itself wrote before: the samples.jsonl of an
+earlier greedy run (its prompts and outputs), so a copied continuation is what the target chose
+after the same words, on other prompts. Two uses by `PromptLookupDrafter`:
+
+* when the text itself has no strong match, the continuation after the longest stored n-gram
+  (``min_ngram``..``max_ngram`` tokens) of the text's end;
+* token recycling's table starts filled with the target's recorded choices instead of empty.
+
+A stored output of a prompt the run decodes would hand the drafter the answer: `exclude` leaves
+such entries out before the first prompt (the engine passes every prompt of the run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from specsweep.errors import SpecsweepError
+
+
+class Datastore:
+    def __init__(self, path: str | Path, min_ngram: int, max_ngram: int):
+        path = Path(path)
+        if not path.is_file():
+            raise SpecsweepError(f"draft.datastore={path}: no such file (a greedy run's samples.jsonl)")
+        self.entries: list[tuple[list[int], list[int]]] = []  # (prompt ids, output ids)
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                self.entries.append(([int(t) for t in record["prompt_ids"]], [int(t) for t in record["output_ids"]]))
+            except (ValueError, KeyError, TypeError) as err:
+                raise SpecsweepError(f"draft.datastore={path}, line {number}: not a sample with prompt_ids and "
+                                     f"output_ids ({err})") from None
+        if not self.entries:
+            raise SpecsweepError(f"draft.datastore={path}: no samples")
+        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+        self.excluded = 0
+        self._index()
+
+    def exclude(self, prompts: list[list[int]]) -> None:
+        """Leave out the entries of these prompts (their outputs are what the run is to produce)."""
+        prompts = {tuple(p) for p in prompts}
+        kept = [entry for entry in self.entries if tuple(entry[0]) not in prompts]
+        if len(kept) < len(self.entries):
+            self.excluded += len(self.entries) - len(kept)
+            self.entries = kept
+            self._index()
+
+    def _index(self) -> None:
+        # n-gram -> (entry, index of the token that followed its latest occurrence)
+        self.next_after: dict[tuple[int, ...], tuple[int, int]] = {}
+        for number, (prompt, output) in enumerate(self.entries):
+            text = prompt + output
+            for end in range(self.min_ngram, len(text)):
+                for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                    self.next_after[tuple(text[end - n:end])] = (number, end)
+
+    def continuation(self, tokens: list[int], max_tokens: int) -> list[int]:
+        """Up to ``max_tokens`` stored tokens after the longest stored n-gram ending ``tokens``."""
+        for n in range(min(self.max_ngram, len(tokens)), self.min_ngram - 1, -1):
+            hit = self.next_after.get(tuple(tokens[len(tokens) - n:]))
+            if hit is not None:
+                prompt, output = self.entries[hit[0]]
+                return (prompt + output)[hit[1]:hit[1] + max_tokens]
+        return []
+
+    def texts(self):
+        """(prompt + output, where the output starts) of every entry: from there on each token is
+        the target's choice after the text before it."""
+        for prompt, output in self.entries:
+            yield prompt + output, len(prompt)
