@@ -14,11 +14,12 @@ from tests.conftest import CACHE_DIR
 def test_bench_writes_rows_and_checks_every_output(tmp_path):
     argv = ["--limit", "1", "--max-new-tokens", "12", "--threads", "1", "--cache-dir", str(CACHE_DIR),
             "--set", "hardware=cpu-bf16", "--ours", "ar=draft=none", "best=experiment=best",
+            "best-hf-forward=experiment=best hardware.lean_forward=false",  # how the shared target runs may differ
             "--hf", "generate", "--out", str(tmp_path)]
     assert bench.main(argv) == 0  # 0: every output equals our autoregressive one
     (result,) = tmp_path.glob("speed_*.json")
     info = json.loads(result.read_text())
-    assert [r["strategy"] for r in info["rows"]] == ["ar", "best", "hf-generate"]
+    assert [r["strategy"] for r in info["rows"]] == ["ar", "best", "best-hf-forward", "hf-generate"]
     assert all(r["lossless"] and r["tokens"] == 12 for r in info["rows"])
     assert info["hardware"]["dtype"] == "bfloat16" and "--set hardware=cpu-bf16" in info["command"]
 
