@@ -59,7 +59,7 @@ def test_tree_rows_have_the_bits_of_decoding_their_path(bf16, tree, by):
 
     model, _ = bf16
     prefix_len = 120
-    by_chain = [chain_mask is not None for _, _, chain_mask, _ in _gather_plan(tree.verify_mask(prefix_len, torch.bfloat16), 3)]
+    by_chain = [chain_mask is not None for _, _, chain_mask, _ in _gather_plan(tree.verify_mask(prefix_len, torch.bfloat16), 3)[1]]
     assert by_chain and set(by_chain) == {by == "chain"}
     cache = prefilled(model, prefix_len, seed=3)
     tokens = torch.randint(1000, (1, tree.num_nodes + 1), generator=torch.Generator().manual_seed(4))
@@ -145,3 +145,18 @@ def test_row_invariant_attention_computes_attention(kv_heads):
             logits.append((prefill, verify))
     for expected, got in zip(*logits):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])  # scaling 1/8: folded into the queries; 1/sqrt(128): not
+def test_row_invariant_attention_scales_and_masks_as_written(head_dim):
+    """Scaling the queries by a power of two instead of the scores, and adding the mask only from
+    the first key a row does not see, must leave every bit as the plain formula has it."""
+    from specsweep.attention.hf import _attend, row_invariant_attention
+
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 9, 6, head_dim, generator=g).to(torch.bfloat16)
+    key, value = (torch.randn(1, 3, 40, head_dim, generator=g).to(torch.bfloat16) for _ in range(2))
+    mask = torch.full((1, 1, 6, 40), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16).triu_(35)
+    out, _ = row_invariant_attention(None, query, key, value, mask, head_dim ** -0.5)
+    plain = _attend(query, key, value, mask, head_dim ** -0.5).permute(0, 3, 1, 2)  # scores * s + the whole mask
+    assert torch.equal(out, plain)

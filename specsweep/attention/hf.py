@@ -22,38 +22,44 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
 from torch import nn
 
 
-def _attend(query, key, value, mask, scaling):
-    """query [B, Hq, n, D]; key, value [B, Hkv, L, D]; mask [B, 1, n, L] or None -> [B, Hq, D, n].
-    The query heads sharing a KV head become extra rows (head h uses KV head h // groups, as
-    repeat_kv does), so K and V are never copied."""
+def _attend(query, key, value, mask, scaling, mask_from: int = 0):
+    """query [B, Hq, n, D]; key, value [B, Hkv, L, D]; mask [B, 1, n, L] in the scores' dtype or
+    None, all zeros before key ``mask_from`` -> [B, Hq, D, n]. The query heads sharing a KV head become extra rows (head h
+    uses KV head h // groups, as repeat_kv does), so K and V are never copied."""
     b, hq, n, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     groups = hq // hkv
-    scores = torch.matmul(query.reshape(b, hkv, groups * n, d), key.transpose(2, 3)) * scaling
-    if mask is not None:  # reduction over D above: row-invariant
-        scores = (scores.view(b, hkv, groups, n, length) + mask.unsqueeze(2)).view(b, hkv, groups * n, length)
+    scores = torch.matmul(query.reshape(b, hkv, groups * n, d), key.transpose(2, 3))  # reduction over D: row-invariant
+    if scaling != 1.0:
+        scores = scores * scaling
+    if mask is not None:  # adding the zeros before mask_from would change no score
+        scores.view(b, hkv, groups, n, length)[..., mask_from:] += mask.unsqueeze(2)[..., mask_from:]
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(value.transpose(2, 3), probs.transpose(2, 3))  # [B, Hkv, D, groups * n]
     return out.view(b, hkv, d, groups, n).transpose(2, 3).reshape(b, hq, d, n)  # [B, Hkv, groups, D, n]
 
 
-def _gather_plan(mask: torch.Tensor, heads: int) -> list[tuple]:
-    """For a one-sequence additive mask [1, 1, n, L]: how to attend the tree rows whose keys are not
-    one run from the start. -> groups of (rows, flat key rows of the [heads*L, D] view of K, and
-    either the group's additive mask [1, 1, rows, keys] (a chain) or None with the keys per row (a
-    depth)). Every layer of a forward gets the same mask object, so the plan is kept for it; no two
-    forwards may therefore share one mask tensor (`GraphTarget` builds fresh inputs uncaptured)."""
+def _gather_plan(mask: torch.Tensor, heads: int) -> tuple[int, list[tuple]]:
+    """For a one-sequence additive mask [1, 1, n, L]: the first key some row does not see, and how
+    to attend the tree rows whose keys are not one run from the start: groups of (rows, flat key
+    rows of the [heads*L, D] view of K, and either the group's additive mask [1, 1, rows, keys] (a
+    chain) or None with the keys per row (a depth)). Every layer of a forward gets the same mask
+    object, so the plan is kept for it; no two forwards may therefore share one mask tensor
+    (`GraphTarget` builds fresh inputs uncaptured)."""
     global _last_plan
     if _last_plan is not None and _last_plan[0]() is mask and _last_plan[1] == heads:
         return _last_plan[2]
     allowed = mask[0, 0] == 0  # [n, L]
     length = allowed.shape[-1]
+    hidden = (~allowed).any(0).nonzero()
+    mask_from = int(hidden[0]) if hidden.numel() else length
     seen = allowed.sum(-1)
     leading = torch.arange(length, device=allowed.device) < seen[:, None]
     gap_rows = (allowed != leading).any(-1).nonzero().flatten()
@@ -75,8 +81,8 @@ def _gather_plan(mask: torch.Tensor, heads: int) -> list[tuple]:
                 rows = gap_rows[gap_seen == count]
                 keys = allowed[rows].nonzero()[:, 1]  # ascending within each row, rows one after another
                 plan.append((rows, (offsets + keys[None]).flatten(), None, count))
-    _last_plan = (weakref.ref(mask), heads, plan)
-    return plan
+    _last_plan = (weakref.ref(mask), heads, (mask_from, plan))
+    return mask_from, plan
 
 
 _last_plan = None  # (the mask, heads, its plan) of the forward in progress
@@ -112,7 +118,9 @@ def _attend_gathered(query, key, value, flat, count, scaling):
     groups = hq // hkv
     k = key.reshape(-1, d).index_select(0, flat).view(b, hkv, g, c, d)
     v = value.reshape(-1, d).index_select(0, flat).view(b, hkv, g, c, d)
-    scores = torch.matmul(query.view(b, hkv, groups, g, d).transpose(2, 3), k.transpose(3, 4)) * scaling
+    scores = torch.matmul(query.view(b, hkv, groups, g, d).transpose(2, 3), k.transpose(3, 4))
+    if scaling != 1.0:
+        scores = scores * scaling
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [B, Hkv, g, groups, c]
     out = torch.matmul(v.transpose(3, 4), probs.transpose(3, 4))  # [B, Hkv, g, D, groups]
     return out.permute(0, 1, 4, 3, 2).reshape(b, hq, d, g)
@@ -130,13 +138,17 @@ def _attend_chain(query, key, value, flat, chain_mask, scaling):
 
 def row_invariant_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     # query [B, Hq, n, D]; key/value [B, Hkv, L, D]; the mask is additive [B, 1, n, L] or None
-    out = _attend(query, key, value, attention_mask, scaling)
+    if math.frexp(scaling)[0] == 0.5:  # a power of two (1/8 for 64-dim heads): (q * s) @ K has the bits
+        query, scaling = query * scaling, 1.0  # of (q @ K) * s, in n rows of D instead of n rows of L
+    mask_from, plan = 0, []
     if attention_mask is not None and attention_mask.shape[0] == 1:  # the engine verifies one sequence
-        for rows, flat, chain_mask, count in _gather_plan(attention_mask, key.shape[0] * key.shape[1]):
-            if chain_mask is None:
-                out[:, :, :, rows] = _attend_gathered(query[:, :, rows], key, value, flat, count, scaling)
-            else:
-                out[:, :, :, rows] = _attend_chain(query[:, :, rows], key, value, flat, chain_mask, scaling)
+        mask_from, plan = _gather_plan(attention_mask, key.shape[0] * key.shape[1])
+    out = _attend(query, key, value, attention_mask, scaling, mask_from)
+    for rows, flat, chain_mask, count in plan:
+        if chain_mask is None:
+            out[:, :, :, rows] = _attend_gathered(query[:, :, rows], key, value, flat, count, scaling)
+        else:
+            out[:, :, :, rows] = _attend_chain(query[:, :, rows], key, value, flat, chain_mask, scaling)
     return out.permute(0, 3, 1, 2).contiguous(), None  # [B, n, Hq, D], as transformers expects
 
 
