@@ -77,9 +77,8 @@ class LeanLlama:
                                 _pack(attn.o_proj), layer.post_attention_layernorm,
                                 _pack(mlp.gate_proj, mlp.up_proj), _pack(mlp.down_proj)))
         self.lm_head = _pack(model.lm_head)
-        attn = model.model.layers[0].self_attn
-        config = model.config
-        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        first, config = model.model.layers[0].self_attn, model.config
+        self.head_dim, self.scaling = first.head_dim, first.scaling
         self.q_heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.intermediate = config.intermediate_size
 
@@ -101,11 +100,13 @@ class LeanLlama:
             qkv = _linear(_rms_norm(x, norm1), qkv_w)
             qk = qkv[..., :qk_width].view(1, n, -1, d).transpose(1, 2)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # apply_rotary_pos_emb
-            key, value = cache.update(qk[:, self.q_heads:], qkv[..., qk_width:].view(1, n, -1, d).transpose(1, 2), index)
+            value = qkv[..., qk_width:].view(1, n, -1, d).transpose(1, 2)
+            key, value = cache.update(qk[:, self.q_heads:], value, index)
             out, _ = self.attend(attn, qk[:, :self.q_heads], key, value, mask, dropout=0.0, scaling=self.scaling)
             x = x + _linear(out.reshape(1, n, -1), o_w)
             gate_up = _linear(_rms_norm(x, norm2), gate_up_w)
-            x = x + _linear(nn.functional.silu(gate_up[..., :self.intermediate]) * gate_up[..., self.intermediate:], down_w)
+            gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
+            x = x + _linear(nn.functional.silu(gate) * up, down_w)
         return _linear(_rms_norm(x, self.model.model.norm), self.lm_head)[0]
 
 

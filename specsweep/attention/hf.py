@@ -31,8 +31,9 @@ from torch import nn
 
 def _attend(query, key, value, mask, scaling, mask_from: int = 0):
     """query [B, Hq, n, D]; key, value [B, Hkv, L, D]; mask [B, 1, n, L] in the scores' dtype or
-    None, all zeros before key ``mask_from`` -> [B, Hq, D, n]. The query heads sharing a KV head become extra rows (head h
-    uses KV head h // groups, as repeat_kv does), so K and V are never copied."""
+    None, all zeros before key ``mask_from`` -> [B, Hq, D, n]. The query heads sharing a KV head
+    become extra rows (head h uses KV head h // groups, as repeat_kv does), so K and V are never
+    copied."""
     b, hq, n, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     groups = hq // hkv

@@ -23,11 +23,11 @@ class Draft:
 class Drafter:
     """One draft source. The engine owns the loop; a drafter only proposes and listens.
 
-    A run first calls ``prepare(prompts)``; per prompt the engine calls ``reset(prompt_ids)``, then repeatedly ``propose(ids, k)`` (chains)
-    or ``propose_tree(ids, shape)`` (trees), ``on_verified(accepted)`` and ``on_scored``. ``ids`` [1, L] is every
-    committed token (prompt + output so far); its last token is the root the draft continues.
-    After ``on_verified`` the committed sequence grows by the accepted draft tokens plus the
-    target's own next token.
+    A run first calls ``prepare(prompts)``. Per prompt the engine calls ``reset(prompt_ids)``, then
+    repeatedly ``propose(ids, k)`` (chains) or ``propose_tree(ids, shape)`` (trees),
+    ``on_verified(accepted)`` and ``on_scored``. ``ids`` [1, L] is every committed token (prompt +
+    output so far); its last token is the root the draft continues. After ``on_verified`` the
+    committed sequence grows by the accepted draft tokens plus the target's own next token.
     """
 
     #: True when the draft returns the distributions it sampled from (needed for stochastic verification

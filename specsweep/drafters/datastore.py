@@ -52,10 +52,10 @@ class Datastore:
             self._index()
 
     def _index(self) -> None:
+        self.texts = [prompt + output for prompt, output in self.entries]
         # n-gram -> (entry, index of the token that followed its latest occurrence)
         self.next_after: dict[tuple[int, ...], tuple[int, int]] = {}
-        for number, (prompt, output) in enumerate(self.entries):
-            text = prompt + output
+        for number, text in enumerate(self.texts):
             for end in range(self.min_ngram, len(text)):
                 for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
                     self.next_after[tuple(text[end - n:end])] = (number, end)
@@ -65,12 +65,11 @@ class Datastore:
         for n in range(min(self.max_ngram, len(tokens)), self.min_ngram - 1, -1):
             hit = self.next_after.get(tuple(tokens[len(tokens) - n:]))
             if hit is not None:
-                prompt, output = self.entries[hit[0]]
-                return (prompt + output)[hit[1]:hit[1] + max_tokens]
+                return self.texts[hit[0]][hit[1]:hit[1] + max_tokens]
         return []
 
-    def texts(self):
-        """(prompt + output, where the output starts) of every entry: from there on each token is
-        the target's choice after the text before it."""
-        for prompt, output in self.entries:
-            yield prompt + output, len(prompt)
+    def choices(self):
+        """(text, start) per entry: from ``start`` on, each token of the text (prompt + output) is
+        the target's choice after the tokens before it."""
+        for (prompt, _), text in zip(self.entries, self.texts):
+            yield text, len(prompt)

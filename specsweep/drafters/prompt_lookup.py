@@ -76,7 +76,7 @@ class PromptLookupDrafter(Drafter):
         if self.datastore is not None and not self.warmed:
             self.warmed = True
             if self.recycle_tokens:
-                for text, start in self.datastore.texts():
+                for text, start in self.datastore.choices():
                     for end in range(start, len(text)):  # the target chose text[end] after text[:end]
                         for n in range(1, min(self.recycle_context, end) + 1):
                             self.recycled[tuple(text[end - n:end])] = [text[end]]
