@@ -26,22 +26,16 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from specsweep.errors import SpecsweepError
-
-
-def _dense(linear: nn.Linear) -> torch.Tensor:
-    packed = getattr(linear, "packed_weight", None)  # specsweep.prepack's copy
-    return packed.to_dense() if packed is not None else linear.weight.detach()
+from specsweep.prepack import pack_weight, packed_linear
 
 
 def _pack(*linears: nn.Linear) -> torch.Tensor:
     """The linears' weights concatenated, packed for oneDNN (a prepacked single linear's own copy)."""
-    if len(linears) == 1 and getattr(linears[0], "packed_weight", None) is not None:
-        return linears[0].packed_weight
-    return torch.ops.mkldnn._reorder_linear_weight(torch.cat([_dense(linear) for linear in linears]), 1)
-
-
-def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    packed = [getattr(linear, "packed_weight", None) for linear in linears]  # specsweep.prepack's copies
+    if len(linears) == 1 and packed[0] is not None:
+        return packed[0]
+    dense = [p.to_dense() if p is not None else linear.weight for p, linear in zip(packed, linears)]
+    return pack_weight(torch.cat(dense))
 
 
 def check_model(model) -> None:
@@ -97,17 +91,17 @@ class LeanLlama:
         cos, sin = cos[:, None], sin[:, None]
         qk_width, half = (self.q_heads + self.kv_heads) * d, d // 2
         for index, (norm1, qkv_w, attn, o_w, norm2, gate_up_w, down_w) in enumerate(self.layers):
-            qkv = _linear(_rms_norm(x, norm1), qkv_w)
+            qkv = packed_linear(_rms_norm(x, norm1), qkv_w)
             qk = qkv[..., :qk_width].view(1, n, -1, d).transpose(1, 2)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # apply_rotary_pos_emb
             value = qkv[..., qk_width:].view(1, n, -1, d).transpose(1, 2)
             key, value = cache.update(qk[:, self.q_heads:], value, index)
             out, _ = self.attend(attn, qk[:, :self.q_heads], key, value, mask, dropout=0.0, scaling=self.scaling)
-            x = x + _linear(out.reshape(1, n, -1), o_w)
-            gate_up = _linear(_rms_norm(x, norm2), gate_up_w)
+            x = x + packed_linear(out.reshape(1, n, -1), o_w)
+            gate_up = packed_linear(_rms_norm(x, norm2), gate_up_w)
             gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
-            x = x + _linear(nn.functional.silu(gate) * up, down_w)
-        return _linear(_rms_norm(x, self.model.model.norm), self.lm_head)[0]
+            x = x + packed_linear(nn.functional.silu(gate) * up, down_w)
+        return packed_linear(_rms_norm(x, self.model.model.norm), self.lm_head)[0]
 
 
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:

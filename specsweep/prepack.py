@@ -30,8 +30,18 @@ def check_supported(device: torch.device, dtype: torch.dtype, setting: str = "ha
         raise SpecsweepError(f"{setting}: this torch/CPU has no oneDNN bf16 support")
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight [out, in] reordered once into oneDNN's blocked layout."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for a weight packed by `pack_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+
+
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, None, "none", [], "")
+    return packed_linear(x, self.packed_weight)
 
 
 def prepack_linears(model: nn.Module) -> int:
@@ -40,7 +50,7 @@ def prepack_linears(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear and module.bias is None and not hasattr(module, "packed_weight"):
-            module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1)
+            module.packed_weight = pack_weight(module.weight)
             module.weight = None  # the packed copy replaces it: no doubled memory
             module.forward = types.MethodType(_packed_forward, module)
             count += 1

@@ -71,15 +71,24 @@ class PromptLookupDrafter(Drafter):
             if self.warmed:
                 raise RuntimeError("prepare() must come before the first prompt")
             self.datastore.exclude(prompts)
+            self._warm()
+
+    def _warm(self) -> None:
+        """Fill the recycling table with the datastore's recorded choices (once, before the first prompt)."""
+        self.warmed = True
+        if self.recycle_tokens:
+            for text, start in self.datastore.choices():
+                for end in range(start, len(text)):  # the target chose text[end] after text[:end]
+                    self._remember(text, end, [text[end]])
+
+    def _remember(self, text: list[int], end: int, choices: list[int]) -> None:
+        """The target's ``choices`` after ``text[:end]``, keyed by its last 1..recycle_context tokens."""
+        for n in range(1, min(self.recycle_context, end) + 1):
+            self.recycled[tuple(text[end - n:end])] = choices
 
     def reset(self, prompt_ids: torch.Tensor) -> None:
-        if self.datastore is not None and not self.warmed:
-            self.warmed = True
-            if self.recycle_tokens:
-                for text, start in self.datastore.choices():
-                    for end in range(start, len(text)):  # the target chose text[end] after text[:end]
-                        for n in range(1, min(self.recycle_context, end) + 1):
-                            self.recycled[tuple(text[end - n:end])] = [text[end]]
+        if self.datastore is not None and not self.warmed:  # a caller that skipped prepare()
+            self._warm()
         self.tokens: list[int] = []
         self.next_after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
         self.successors: dict[tuple[int, ...], list[int]] = {}  # n-gram -> distinct next tokens, latest first
@@ -159,8 +168,7 @@ class PromptLookupDrafter(Drafter):
         before = self.tokens[-self.recycle_context:-1] if self.tokens and self.tokens[-1] == inputs[0] else []
         text = before + inputs.tolist()
         for end in range(len(before) + 1, len(text) + 1):  # the choices after text[:end]
-            for n in range(1, min(self.recycle_context, end) + 1):
-                self.recycled[tuple(text[end - n:end])] = choices[end - len(before) - 1]
+            self._remember(text, end, choices[end - len(before) - 1])
 
     def counters(self) -> dict:
         if self.datastore is None:
