@@ -127,6 +127,9 @@ def resolve(cfg) -> Hardware:
         if cuda_graphs or verify_width is not None or compile_forwards:
             raise SpecsweepError("hardware.lean_forward=true verifies over a growing cache; it cannot be combined "
                                  "with cuda_graphs, verify_width or compile (their static cache)")
+        if cfg.attn_implementation != "row_invariant":
+            raise SpecsweepError("hardware.lean_forward=true attends over masked cache slots, which keeps a row's "
+                                 f"bits under attn_implementation=row_invariant only, not {cfg.attn_implementation}")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation, tree_mask == "bool",

@@ -10,13 +10,14 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from specsweep import hardware, models
 from specsweep.attention import hf
+from specsweep.cache import compact
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
-from specsweep.lean import LeanLlama
+from specsweep.lean import BUCKET, BucketCache, LeanLlama
 from specsweep.prepack import prepack_linears
 from specsweep.sampling import Sampling
-from specsweep.target import LeanTarget, make_runner
+from specsweep.target import DynamicTarget, LeanTarget, make_runner
 from specsweep.tree import Tree
 from tests.conftest import REPO, tiny_llama
 
@@ -42,19 +43,24 @@ def assert_same_forwards(model, prefix: torch.Tensor, new: torch.Tensor, chain_s
         got = lean.score(ids, tree, start)
         expected = model(input_ids=ids, past_key_values=reference, **kwargs).logits[0]
         assert torch.equal(got, expected), f"{ids.shape[1]} tokens, tree {tree}"
-        for ours, theirs in zip(lean.cache.layers, reference.layers):
-            assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
-        lean.cache.crop(-ids.shape[1])
+        assert_same_entries(lean.cache, reference)
+        lean.keep(start, [])
         reference.crop(-ids.shape[1])
 
 
-@pytest.mark.parametrize("attention", ["row_invariant", "eager", "sdpa"])
+def assert_same_entries(ours: BucketCache, reference: DynamicCache) -> None:
+    assert ours.length == reference.get_seq_length() and ours.capacity % BUCKET == 0
+    for index, layer in enumerate(reference.layers):
+        assert torch.equal(ours.keys[index, ..., :ours.length, :], layer.keys)
+        assert torch.equal(ours.values[index, ..., :ours.length, :], layer.values)
+
+
 @pytest.mark.parametrize("prepacked", [True, False], ids=["prepacked", "plain"])
 @torch.inference_mode()
-def test_lean_forward_has_the_hf_bits_on_a_tiny_llama(attention, prepacked):
+def test_lean_forward_has_the_hf_bits_on_a_tiny_llama(prepacked):
     hf.register()
     model = tiny_llama(3, layers=3).to(torch.bfloat16)
-    model.set_attn_implementation(attention)
+    model.set_attn_implementation("row_invariant")
     if prepacked:
         prepack_linears(model)
     ids = torch.randint(96, (1, 50), generator=torch.Generator().manual_seed(1))
@@ -66,6 +72,37 @@ def test_lean_forward_has_the_hf_bits_on_the_embedded_target(bf16):
     model, _ = bf16
     ids = torch.randint(5000, (1, 332), generator=torch.Generator().manual_seed(2))
     assert_same_forwards(model, ids[:, :300], ids[:, 300:], (1, 3, 16, 17, 32), TREES)
+
+
+@torch.inference_mode()
+def test_the_bucket_cache_keeps_the_hf_bits_as_it_grows_and_compacts(bf16):
+    """Steps of mixed sizes with partial acceptance, across bucket boundaries (new allocations, the
+    stale slots of rejected tokens behind the length): logits and entries stay the HF forward's."""
+    model, _ = bf16
+    ids = torch.randint(5000, (1, 400), generator=torch.Generator().manual_seed(3))
+    lean, reference = LeanTarget(model), DynamicTarget(model)
+    lean.prefill(ids[:, :60], 300)
+    reference.prefill(ids[:, :60], 300)
+    length, capacities = 60, set()
+    for n, accepted in ((1, 1), (6, 2), (17, 17), (32, 3), (16, 16), (3, 1), (32, 32), (1, 1), (32, 5)):
+        assert torch.equal(lean.score(ids[:, length:length + n], None, length),
+                           reference.score(ids[:, length:length + n], None, length)), f"{n} tokens after {length}"
+        kept = list(range(length + 1, length + accepted))
+        lean.keep(length + 1, kept)
+        reference.keep(length + 1, kept)
+        length += accepted
+        assert_same_entries(lean.cache, reference.cache)
+        capacities.add(lean.cache.capacity)
+    tree = TREES[1]
+    nodes = ids[:, length:length + tree.num_nodes + 1]
+    expected = model(input_ids=nodes, past_key_values=reference.cache, position_ids=tree.verify_position_ids(length),
+                     attention_mask=tree.verify_mask(length, model.dtype)).logits[0]
+    assert torch.equal(lean.score(nodes, tree, length), expected)
+    path = [length + 1 + i for i in (4, 5, 6)]  # a branch that is not the first run of rows
+    lean.keep(length + 1, path)
+    compact(reference.cache, length + 1, path)
+    assert_same_entries(lean.cache, reference.cache)
+    assert len(capacities) >= 3
 
 
 def test_speculative_decoding_on_the_lean_forward_is_the_targets_own(bf16):
@@ -95,6 +132,8 @@ def test_lean_forward_is_refused_where_it_does_not_apply():
         hardware.resolve(OmegaConf.merge(profile, {"dtype": "float32", "prepack_linear": False}))
     with pytest.raises(SpecsweepError, match="lean_forward=true .* cannot be combined"):
         hardware.resolve(OmegaConf.merge(profile, {"verify_width": 16}))
+    with pytest.raises(SpecsweepError, match="row_invariant only, not sdpa"):
+        hardware.resolve(OmegaConf.merge(profile, {"attn_implementation": "sdpa"}))
     with pytest.raises(SpecsweepError, match="float32 on cpu"):
         LeanLlama(tiny_llama(0))
     qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
