@@ -16,13 +16,16 @@ def truncate(cache: DynamicCache, length: int) -> None:
 def move(cache, start: int, keep: list[int]) -> None:
     """Move the KV entries at positions ``keep`` (ascending, >= start) to ``start, start+1, ...``
     (a dynamic or static cache); what lies after them is left in place."""
-    if keep != list(range(start, start + len(keep))):
-        for layer in cache.layers:
-            if layer.keys is None or layer.keys.numel() == 0:
-                continue  # a layer this model does not run (layer-skip views)
-            index = torch.tensor(keep, device=layer.keys.device)
-            layer.keys[..., start:start + len(keep), :] = layer.keys.index_select(-2, index)
-            layer.values[..., start:start + len(keep), :] = layer.values.index_select(-2, index)
+    run = [layer for layer in cache.layers if layer.keys is not None and layer.keys.numel()]  # not layer-skip's idle ones
+    move_entries([t for layer in run for t in (layer.keys, layer.values)], start, keep)
+
+
+def move_entries(tensors: list[torch.Tensor], start: int, keep: list[int]) -> None:
+    """`move` for KV tensors [..., L, D] themselves, in place."""
+    if tensors and keep != list(range(start, start + len(keep))):
+        index = torch.tensor(keep, device=tensors[0].device)
+        for t in tensors:
+            t[..., start:start + len(keep), :] = t.index_select(-2, index)
 
 
 def compact(cache: DynamicCache, start: int, keep: list[int]) -> None:

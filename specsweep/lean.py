@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from specsweep.cache import move_entries
 from specsweep.errors import SpecsweepError
 from specsweep.prepack import pack_weight, packed_linear
 
@@ -143,10 +144,7 @@ class BucketCache:
 
     def keep(self, start: int, positions: list[int]) -> None:
         """Keep the first ``start`` positions and the entries at ``positions`` (ascending), moved to follow them."""
-        if positions != list(range(start, start + len(positions))):
-            index = torch.tensor(positions)
-            for t in (self.keys, self.values):
-                t[..., start:start + len(positions), :] = t.index_select(-2, index)
+        move_entries([self.keys, self.values], start, positions)
         self.length = start + len(positions)
 
 
