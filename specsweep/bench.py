@@ -213,9 +213,9 @@ def write(out: Path, rows: list[dict], argv, prompts: int, args, hw) -> None:
     env = environment()
     command = "python -m specsweep.bench " + " ".join(f"'{a}'" if " " in a else a for a in argv or sys.argv[1:])
     info = {"date": stamp, "command": command,
-            "machine": f"{platform.processor() or platform.machine()}, {env['cpu_count']} cores, "
+            "machine": f"{env['cpu'] or platform.machine()}, {env['cpu_count']} cores, "
                        f"torch {env['torch']} ({torch.get_num_threads()} threads), {hw.describe()['device']}",
-            "hardware": hw.describe(), "git_commit": env["git_commit"], "prompts": prompts,
+            "hardware": hw.describe(), "git_commit": env["git_commit"], "environment": env, "prompts": prompts,
             "max_new_tokens": args.max_new_tokens, "rows": rows}
     (out / f"speed_{stamp}.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
 

@@ -38,6 +38,7 @@ from specsweep.errors import SpecsweepError
 from specsweep.hardware import DTYPES, STATIC_CACHE_ATTENTION
 from specsweep.metrics import expected_tokens
 from specsweep.prepack import check_supported, prepack_linears
+from specsweep.results import environment, machine_info
 from specsweep.target import capture_graph
 
 MODELS = {  # the shapes of the seeds' targets and drafts; "tiny" is for tests
@@ -161,10 +162,12 @@ def derive(rows: list[dict], alphas: list[float]) -> tuple[list[dict], list[dict
 
 
 def machine(device: torch.device) -> dict:
-    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-            "device": str(device), "torch_threads": torch.get_num_threads()}
-    info["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    """``specsweep.results.machine_info()`` (CPU model, ISA flags, ONEDNN_MAX_CPU_ISA, threads, GPU, fingerprint)
+    plus the device these timings ran on."""
+    info = machine_info()
+    info.update({"host": platform.node(), "python": platform.python_version(), "cuda": torch.version.cuda,
+                 "transformers": transformers.__version__, "device": str(device)})
+    info["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else info["cpu_model"]
     return info
 
 
@@ -292,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": [sys.executable, "-m", "specsweep.costs", *(sys.argv[1:] if argv is None else argv)],
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device),
-              "rows": rows, "coefficients": coefficients, "predictions": predictions, "best": best}
+              "environment": environment(), "rows": rows, "coefficients": coefficients, "predictions": predictions,
+              "best": best}
     (args.out / f"costs_{stamp}.json").write_text(json.dumps(result, indent=1))
     if rows:
         plot(rows, args.out / f"verify_cost_{stamp}.png")
