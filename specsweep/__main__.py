@@ -82,7 +82,7 @@ def main() -> None:
 
         sys.exit(report.main(sys.argv[2:]))
     app()
-    if summary.failed_jobs:
+    if summary.failed_jobs or summary.diverged_jobs:  # a multirun's jobs without results, or not lossless
         sys.exit(1)
 
 

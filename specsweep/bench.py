@@ -6,7 +6,9 @@
 Every strategy decodes the same prompts on the same loaded target in one process, interleaved
 prompt by prompt (round robin) so that machine noise spreads evenly; speeds are compared as ratios.
 Our strategies are composed from the same Hydra configs as the app. Every output is checked against
-our autoregressive output (lossless), and HF's too. For each of ours it reports the analytic bound:
+our autoregressive output, and HF's too, with the sweeps' audit (`specsweep.audit`: exact, ties
+where the outputs part at a numeric tie of the target's logits, DIVERGED otherwise; the exit status
+is 1 on DIVERGED). For each of ours it reports the analytic bound:
 the speedup predicted from the measured cost of a step (draft + verify, in autoregressive steps) and
 the measured tokens per step, next to Leviathan et al.'s formula with the same costs.
 """
@@ -29,7 +31,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from specsweep import datasets, hardware, models
+from specsweep import audit, datasets, hardware, models
 from specsweep.engine import synchronize
 from specsweep.errors import SpecsweepError
 from specsweep.metrics import expected_tokens, summarize
@@ -42,8 +44,9 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 @dataclass
 class Strategy:
     name: str
-    run: object  # prompt ids [1, P] -> (output ids, SampleStats | None)
+    run: object  # prompt ids [1, P] -> (output ids, SampleStats | None, {margins, top_logits} | None)
     outputs: list = field(default_factory=list)
+    margins: list = field(default_factory=list)  # per prompt: the AR engine's {margins, top_logits}, or None
     stats: list = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
@@ -70,7 +73,8 @@ def ours(name: str, overrides: str, common: list[str], target, tokenizer, hw, pr
 
     def run(ids):
         result = engine.generate(ids)
-        return result.output_ids, result.stats
+        tops = None if result.margins is None else {"margins": result.margins, "top_logits": result.top_logits}
+        return result.output_ids, result.stats, tops
 
     return Strategy(name, run, overrides=overrides)
 
@@ -80,7 +84,7 @@ def hf(name: str, target, eos: list[int], max_new_tokens: int, **generate_kwargs
         torch.manual_seed(0)
         out = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
                               eos_token_id=eos, pad_token_id=eos[0], **generate_kwargs)
-        return out[0, ids.shape[1]:].tolist(), None
+        return out[0, ids.shape[1]:].tolist(), None, None
 
     return Strategy(name, run, overrides=" ".join(f"{k}={v}" for k, v in generate_kwargs.items()
                                                    if k != "assistant_model") or "-")
@@ -155,28 +159,39 @@ def main(argv=None) -> int:
         for s in strategies:
             synchronize(hw.device)
             start = time.perf_counter()
-            out, stats = s.run(ids)
+            out, stats, tops = s.run(ids)
             synchronize(hw.device)
             s.seconds += time.perf_counter() - start
             s.tokens += len(out)
             s.outputs.append(out)
+            s.margins.append(tops)
             if stats is not None:
                 s.stats.append(stats)
         console.print(f"prompt {i + 1}/{len(prompts)} done", style="dim")
 
-    rows = report(strategies)
+    rows = report(strategies, hw.describe()["dtype"])
     table = Table("strategy", "tok/s", "x HF gen", "x our AR", "acc. len", "acc. rate",
                   "Leviathan", "bound", "of bound", "lossless", title=f"{len(prompts)} prompts, {args.max_new_tokens} new tokens")
     for r in rows:
         table.add_row(r["strategy"], f"{r['tokens_per_s']:.2f}", _f(r["vs_hf_generate"]),
                       _f(r["vs_our_ar"]), _f(r["acceptance_length"]), _f(r["acceptance_rate"]),
-                      _f(r["leviathan_speedup"]), _f(r["bound_speedup"]), _f(r["fraction_of_bound"]), str(r["lossless"]))
+                      _f(r["leviathan_speedup"]), _f(r["bound_speedup"]), _f(r["fraction_of_bound"]), r["lossless"])
     console.print(table)
+    for r in rows:
+        if r["lossless"] == audit.DIVERGED:
+            console.print(f"[red]DIVERGED[/red] {r['strategy']}: {r['worst_divergence']}")
     write(Path(args.out), rows, argv, len(prompts), args, hw)
-    return 0 if all(r["lossless"] for r in rows) else 1
+    return 1 if any(r["lossless"] == audit.DIVERGED for r in rows) else 0
 
 
-def report(strategies: list[Strategy]) -> list[dict]:
+def samples(s: Strategy) -> list[dict]:
+    """A strategy's outputs as the audit reads samples (task id = prompt index)."""
+    return [{"task_id": i, "output_ids": out, **(tops or {})}
+            for i, (out, tops) in enumerate(zip(s.outputs, s.margins))]
+
+
+def report(strategies: list[Strategy], dtype: str) -> list[dict]:
+    """One row per strategy; ``dtype``: the target's (the audit's ulps)."""
     reference = next((s for s in strategies if s.overrides.endswith("draft=none")), strategies[0])
     hf_base = next((s for s in strategies if s.name == "hf-generate"), None)
     ar_tps = reference.tokens / reference.seconds
@@ -194,7 +209,8 @@ def report(strategies: list[Strategy]) -> list[dict]:
             "vs_our_ar": achieved, "acceptance_length": m.get("acceptance_length"),
             "acceptance_rate": m.get("acceptance_rate"), "leviathan_speedup": leviathan,
             "bound_speedup": predicted, "fraction_of_bound": achieved / predicted if predicted else None,
-            "lossless": s.outputs == reference.outputs,
+            **(audit.columns(audit.not_audited("the reference", audit.REFERENCE)) if s is reference
+               else audit.columns(audit.compare(samples(s), samples(reference), dtype))),
         })
     return rows
 

@@ -38,6 +38,10 @@ class SampleStats:
 class Generation:
     output_ids: list[int]
     stats: SampleStats
+    # autoregressive runs only (else None): per output token, the target's top-1 minus top-2 logit and
+    # its top-1 logit where it chose that token, for the losslessness audit's tie test (specsweep.audit)
+    margins: list[float] | None = None
+    top_logits: list[float] | None = None
 
 
 def synchronize(device: torch.device) -> None:
@@ -124,7 +128,9 @@ class Engine:
         sync()
         start = clock()
 
-        token = self._choose(self.runner.prefill(prompt_ids, limit + self.max_draft))
+        first = self.runner.prefill(prompt_ids, limit + self.max_draft)
+        token = self._choose(first)
+        tops = [first.topk(2).values] if self.drafter is None else None  # read after the clock stops
         output = [token]
         ids[0, prompt_len] = token
         if self.drafter is not None:
@@ -151,6 +157,8 @@ class Engine:
             else:
                 path, token = [], self._choose(logits[-1])
                 new = [token]
+                if tops is not None:
+                    tops.append(logits[-1].topk(2).values)
             accepted = len(path)
             if draft is not None:
                 self.drafter.on_verified(accepted)
@@ -177,4 +185,12 @@ class Engine:
         sync()
         stats.wall_s = clock() - start
         stats.new_tokens = len(output)
-        return Generation(output, stats)
+        return Generation(output, stats, *_margins(tops))
+
+
+def _margins(tops: list[torch.Tensor] | None) -> tuple[list[float] | None, list[float] | None]:
+    """Top-2 logit values per step -> (top-1 minus top-2, top-1), exact in float64."""
+    if tops is None:
+        return None, None
+    top = torch.stack(tops).double().cpu()
+    return (top[:, 0] - top[:, 1]).tolist(), top[:, 0].tolist()

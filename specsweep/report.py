@@ -3,7 +3,8 @@
 Reads only what the jobs left on disk (metrics.json, error.json, .hydra/), so a sweep dir copied
 from a cluster reports the same. Per sweep: a target x strategy table in the shape of seed 000's
 tables (tokens/s, speedup, acceptance, pass@1) and the time breakdown per run; over all sweeps:
-seed 001's acceptance rate and length against the number of draft tokens per tree shape and draft.
+seed 001's acceptance rate and length against the number of draft tokens per tree shape and draft;
+and each run's losslessness audit against its draft=none run (`specsweep.audit`, from samples.jsonl).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from specsweep import audit
 from specsweep.errors import SpecsweepError
-from specsweep.results import ERROR, METRICS
+from specsweep.results import ERROR, METRICS, SAMPLES, read_jsonl
 from specsweep.tracking import sweep_group
 
 REPORT = "REPORT.md"
@@ -41,6 +43,8 @@ class Job:
     error: str = ""
     speedup: float | None = None
     baseline_sweep: str | None = None  # set when the draft=none run came from another sweep
+    baseline: Job | None = field(default=None, repr=False, compare=False)  # that draft=none run (maybe itself)
+    audit: dict | None = None  # the losslessness audit (decoding runs; `add_audits`)
 
     @property
     def name(self) -> str:  # the job number in a multirun
@@ -85,6 +89,7 @@ def load_sweeps(sweep_dirs: list[Path], decode_only: bool = True) -> list[Job]:
             raise SpecsweepError(f"{sweep_dir}: no results here (no job dir with metrics.json, error.json or .hydra/)")
         jobs += found
     add_speedups(jobs)
+    add_audits(jobs)
     return jobs
 
 
@@ -155,6 +160,44 @@ def add_speedups(jobs: list[Job]) -> None:
         if base:
             job.speedup = job.value("tokens_per_s") / base.value("tokens_per_s")
             job.baseline_sweep = None if same else base.sweep
+            job.baseline = base
+
+
+def add_audits(jobs: list[Job]) -> None:
+    """Each finished decoding run's greedy outputs against those of its speedup baseline (the
+    draft=none run of the same target, prompts, decode settings, seed and hardware), per sample by
+    task id: `specsweep.audit.compare` on the two samples.jsonl, in the baseline's dtype. Without a
+    samples.jsonl, the audit an earlier sweep summary left in metrics.json, if any."""
+    loaded: dict[Path, list[dict] | None] = {}
+
+    def samples(job: Job) -> list[dict] | None:
+        if job.path not in loaded:
+            path = job.path / SAMPLES
+            loaded[job.path] = read_jsonl(path) if path.is_file() else None
+        return loaded[job.path]
+
+    for job in jobs:
+        if job.ok and "tokens_per_s" in job.metrics:
+            job.audit = _audit(job, samples)
+
+
+def _audit(job: Job, samples) -> dict:
+    base = job.baseline
+    if base is None:
+        return audit.not_audited("no draft=none run with the same target, prompts, decode settings, seed and hardware")
+    if base is job:
+        return audit.not_audited("the draft=none run the others are compared with", audit.REFERENCE)
+    if not audit.greedy(job.config.get("decode")):
+        return audit.not_audited("sampling (temperature > 0): outputs are compared under greedy decoding only")
+    mine, theirs = samples(job), samples(base)
+    if mine is None or theirs is None:
+        missing = job if mine is None else base
+        return job.value("audit") or audit.not_audited(f"no {SAMPLES} in {missing.path}")
+    try:
+        record = audit.compare(mine, theirs, _get(base.metrics, "hardware", "dtype") or "?")
+    except ValueError as err:  # a dtype without a known ulp
+        return audit.not_audited(str(err))
+    return {**record, "reference": f"{base.sweep}/{base.name}"}
 
 
 def _machine(job: Job) -> str | None:
@@ -267,11 +310,32 @@ def strategy_table(jobs: list[Job]) -> list[str]:
             speedup = _fmt(j.speedup, 2, "x") + (f" (baseline: {j.baseline_sweep})" if j.baseline_sweep else "")
             rows.append([j.target, strategy(j), _fmt(j.value("tokens_per_s"), 2), speedup,
                          _fmt(j.value("acceptance_rate")), _fmt(j.value("acceptance_length")),
-                         _fmt(j.value("tokens_per_target_forward")), pass_at_1(j), j.value("new_tokens"), j.name])
+                         _fmt(j.value("tokens_per_target_forward")), pass_at_1(j), j.value("new_tokens"), j.name,
+                         lossless(j)])
         else:
-            rows.append([j.target, strategy(j), f"**{j.status}**", "", "", "", "", "", "", j.name])
+            rows.append([j.target, strategy(j), f"**{j.status}**", "", "", "", "", "", "", j.name, ""])
     return _table(["target", "strategy", "tokens/s", "speedup", "acceptance rate", "acceptance length",
-                   "tokens/target forward", "pass@1", "new tokens", "job"], rows)
+                   "tokens/target forward", "pass@1", "new tokens", "job", "lossless"], rows)
+
+
+def lossless(job: Job) -> str:
+    """The audit's verdict as a table cell: the divergence counts where there are divergences."""
+    record = job.audit or audit.not_audited("not audited")
+    verdict = record["lossless"]
+    if verdict == audit.DIVERGED:
+        return f"**DIVERGED** ({record['diverged']} real, {record['ties']} ties of {record['compared']})"
+    if verdict == audit.TIES:
+        return f"ties ({record['ties']} of {record['compared']})"
+    return verdict
+
+
+def audit_table(jobs: list[Job]) -> list[str]:
+    """Per audited run: its reference, sample counts and the worst divergence (specsweep.audit)."""
+    rows = [[j.name, j.target, strategy(j), lossless(j), j.audit.get("reference", "-"), j.audit["compared"],
+             j.audit["exact"], j.audit["ties"], j.audit["diverged"], audit.describe(j.audit.get("worst"))]
+            for j in jobs if j.ok and j.audit and "compared" in j.audit]
+    return _table(["job", "target", "strategy", "lossless", "reference", "samples", "exact", "tie divergences",
+                   "real divergences", "worst divergence"], rows) if rows else []
 
 
 def time_table(jobs: list[Job]) -> list[str]:
@@ -391,13 +455,20 @@ def build_report(jobs: list[Job], sweep_dirs: list[Path], out_dir: Path) -> str:
              "accepted draft tokens per verification step (tokens per target forward = length + 1); tokens/s = "
              "new tokens / timed generate seconds; speedup = tokens/s / tokens/s of the draft=none run with the "
              "same target, prompts, decode settings and hardware (same sweep, else another reported sweep "
-             "on the same machine, named in the table); pass@1 with n = k = 1 (sandboxed HumanEval).", ""]
+             "on the same machine, named in the table); pass@1 with n = k = 1 (sandboxed HumanEval); lossless = "
+             "greedy outputs against that draft=none run's, per sample: exact, ties (they part only where the "
+             "target's top-2 logits there are a numeric tie, within a few ulps of its dtype: 8 for bf16, 64 for "
+             "fp32), DIVERGED (some sample parts at a larger margin: a bug), n/a (no such run, or sampling).", ""]
     for label in dict.fromkeys(j.sweep for j in jobs):
         sweep = [j for j in jobs if j.sweep == label]
         bad = [j for j in sweep if not j.ok]
         lines += [f"## {label}", "", f"`{sweep[0].sweep_dir}`: {len(sweep) - len(bad)} finished, "
                   f"{sum(j.status == 'failed' for j in bad)} failed, {sum(j.status == 'missing' for j in bad)} missing.",
                   "", *provenance(sweep), "", settings_line(sweep), "", *strategy_table(sweep), ""]
+        audited = audit_table(sweep)
+        if audited:
+            lines += ["Losslessness audit (first differing token per sample; margin = the reference's top-1 minus "
+                      "top-2 logit there, in ulps of the target's dtype):", "", *audited, ""]
         if bad:
             lines += ["Jobs without results:", ""]
             lines += [f"- job {j.name} ({strategy(j)}): {j.status}: {j.error}" for j in bad] + [""]

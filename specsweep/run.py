@@ -103,6 +103,8 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None 
                 "output_ids": result.output_ids,
                 "text": tokenizer.decode(result.output_ids, skip_special_tokens=True),
                 **vars(result.stats),
+                # draft=none runs: the target's top-2 logit margins, the reference of the sweep's audit
+                **({"margins": result.margins, "top_logits": result.top_logits} if result.margins is not None else {}),
             })
             write_jsonl(run_dir / SAMPLES, samples)  # rewritten whole, atomically: never half a file
             tracker.log_sample(index, samples[-1])

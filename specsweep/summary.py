@@ -2,6 +2,8 @@
 
 Hydra's ``on_multirun_end`` receives no job results, and SLURM jobs write theirs on other nodes, so
 the summary reads only what each job left on disk: metrics.json, or error.json for a failed job.
+Each decoding run's losslessness audit (`specsweep.audit`: its greedy outputs in samples.jsonl
+against the draft=none run's) goes into summary.csv, the table, and its metrics.json (``audit``).
 """
 
 from __future__ import annotations
@@ -14,22 +16,34 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from specsweep import audit
 from specsweep.errors import SpecsweepError
-from specsweep.report import load_sweeps
+from specsweep.report import Job, load_sweeps
+from specsweep.results import METRICS, write_json
 
 COLUMNS = ("tokens_per_s", "speedup", "acceptance_rate", "acceptance_length", "tokens_per_target_forward",
            "new_tokens", "draft_s", "verify_s", "wall_s", "pass_at_1")
-failed_jobs: list[str] = []  # read by __main__ to set the exit status
+# read by __main__ to set the exit status: jobs without results, jobs whose outputs are not lossless
+failed_jobs: list[str] = []
+diverged_jobs: list[str] = []
+
+
+def load(sweep_dir: Path) -> list[Job]:
+    """Every job of the sweep, read the way the report reads them (`specsweep.report.load_sweeps`:
+    baseline = the draft=none job of the same resolved target, prompts, decode settings, seed and
+    hardware; audit = the outputs against that baseline's)."""
+    try:
+        return load_sweeps([sweep_dir], decode_only=False)
+    except SpecsweepError:  # no job left anything behind
+        return []
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One row per job dir: its choices, status, metrics or error, and its speedup, read the way the
-    report reads them (`specsweep.report.load_sweeps`: baseline = the draft=none job of the same
-    resolved target, prompts, decode settings, seed and hardware)."""
-    try:
-        jobs = load_sweeps([sweep_dir], decode_only=False)
-    except SpecsweepError:  # no job left anything behind
-        return []
+    return summary_rows(load(sweep_dir))
+
+
+def summary_rows(jobs: list[Job]) -> list[dict]:
+    """One row per job dir: its choices, status, metrics or error, its speedup and its audit."""
     rows = []
     for job in jobs:
         row = {"job": job.name, **{k: v for k, v in job.choices.items() if "/" not in k}, "status": job.status}
@@ -37,10 +51,28 @@ def collect(sweep_dir: Path) -> list[dict]:
             row.update({k: job.value(k) for k in COLUMNS if k in job.metrics})
             if job.speedup is not None:
                 row["speedup"] = job.speedup
+            if job.audit is not None:
+                row.update(audit.columns(job.audit))
         else:
             row.update(error=job.error, log=str(job.path))
         rows.append(row)
     return rows
+
+
+def record_audits(jobs: list[Job]) -> None:
+    """Each audited job's audit into its metrics.json (``audit``), atomically; a file whose audit
+    is already this one is left untouched (a resumed sweep does not rewrite finished jobs)."""
+    for job in jobs:
+        if job.audit is not None and job.metrics.get("audit") != job.audit:
+            job.metrics["audit"] = job.audit
+            write_json(job.path / METRICS, job.metrics)
+
+
+def divergence_line(job: str, record: dict) -> str:
+    """One line for a job that is not lossless: its worst divergence (task, position, margin)."""
+    return (f"[red]DIVERGED[/red] job {job}: outputs part from the draft=none run's ({record.get('reference', '?')}) "
+            f"at a margin that is no numeric tie: {audit.describe(record.get('worst'))}; "
+            f"{record['diverged']} of {record['compared']} samples")
 
 
 def write_summary(sweep_dir: Path, rows: list[dict]) -> Path:
@@ -56,11 +88,20 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> Path:
 def summary_table(rows: list[dict]) -> Table:
     choice_keys = [k for k in ("target", "draft", "tree", "dataset", "decode", "hardware")
                    if len({r.get(k) for r in rows}) > 1] or ["draft"]
-    table = Table(*choice_keys, "status", *COLUMNS[:5], title="sweep summary")
+    table = Table(*choice_keys, "status", *COLUMNS[:5], "lossless", title="sweep summary")
     for row in rows:
         cells = [_fmt(row.get(k)) for k in COLUMNS[:5]] if row["status"] == "ok" else [row.get("error", "")[:60]] + [""] * 4
-        table.add_row(*[str(row.get(k, "")) for k in choice_keys], row["status"], *cells)
+        table.add_row(*[str(row.get(k, "")) for k in choice_keys], row["status"], *cells, _lossless(row))
     return table
+
+
+def _lossless(row: dict) -> str:
+    verdict = row.get("lossless")
+    if verdict == audit.DIVERGED:
+        return f"[red]DIVERGED[/red] {row['real_divergences']}"
+    if verdict == audit.TIES:
+        return f"ties {row['tie_divergences']}"
+    return verdict or ""
 
 
 def _fmt(value) -> str:
@@ -72,7 +113,9 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        rows = collect(sweep_dir)
+        jobs = load(sweep_dir)
+        record_audits(jobs)
+        rows = summary_rows(jobs)
         path = write_summary(sweep_dir, rows)
         console = Console()
         console.print(summary_table(rows))
@@ -81,3 +124,7 @@ class SweepSummary(Callback):
         for row in rows:
             if row["status"] != "ok":
                 console.print(f"[red]{row['status']}[/red] {row['job']}: {row.get('error', '')} (see {row['log']})")
+        diverged = [j for j in jobs if j.audit and j.audit["lossless"] == audit.DIVERGED]
+        diverged_jobs[:] = [j.name for j in diverged]
+        for job in diverged:
+            console.print(divergence_line(job.name, job.audit))

@@ -58,6 +58,31 @@ def test_multirun_summarises_every_job_and_reports_failures(model_dirs, prompts,
     assert float(rows[0]["speedup"]) == 1.0 and float(rows[1]["speedup"]) > 0
     assert "sweep summary" in proc.stdout
 
+    # the losslessness audit: greedy fp32 drafts reproduce the draft=none run token for token
+    assert [r["lossless"] for r in rows] == ["reference", "exact", "exact"]
+    assert [r["exact_samples"] for r in rows[1:]] == ["2", "2"] and rows[1]["real_divergences"] == "0"
+    reference = [json.loads(line) for line in (sweep / "0" / "samples.jsonl").read_text().splitlines()]
+    assert all(len(s["margins"]) == len(s["top_logits"]) == len(s["output_ids"]) for s in reference)
+    assert "margins" not in (sweep / "1" / "samples.jsonl").read_text()  # only the reference records them
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["audit"]["lossless"] == "exact"
+
+    # a wrong token where the reference's margin is largest: the same command again runs nothing
+    # (finished jobs are kept) but audits anew: DIVERGED, named with task and position, exit status 1
+    samples_path = sweep / "1" / "samples.jsonl"
+    samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    margins = reference[0]["margins"]
+    position = margins.index(max(margins))
+    samples[0]["output_ids"][position] = (samples[0]["output_ids"][position] + 1) % 300
+    samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    proc = specsweep("-m", *base_args(model_dirs, prompts, tmp_path), "draft=none,model,prompt-lookup",
+                     f"++draft.path={model_dirs['draft']}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["lossless"] for r in rows] == ["reference", "DIVERGED", "exact"]
+    assert rows[1]["worst_divergence"].startswith(f"task a at token {position}, margin ")
+    assert "DIVERGED job 1" in proc.stdout and f"task a at token {position}" in " ".join(proc.stdout.split())
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["audit"]["diverged"] == 1
+
     # one failing job: the others still complete, the summary names it, the exit status says so
     sweep = tmp_path / "sweep-fail"
     proc = specsweep("-m", *base_args(model_dirs, prompts, tmp_path), "draft=none,model",
