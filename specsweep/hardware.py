@@ -28,6 +28,8 @@ class Hardware:
     verify_width: int | None = None  # every forward after the prefill padded to this many rows (exact on GPU)
     compile: bool = False  # verify forwards through torch.compile (specsweep/target.py)
     lean_forward: bool = False  # verify forwards as bare tensor operations (specsweep/lean.py)
+    row_block: int | str = 1  # rows of prepacked products padded to a multiple of it; auto: per shape (prepack.py)
+    exactness_probe: bool = False  # prove verify rows keep one-row bits before decoding (specsweep/exactness.py)
 
     def check_verify_size(self, tokens: int, setting: str) -> None:
         if self.verify_width is not None and tokens > self.verify_width:
@@ -43,7 +45,7 @@ class Hardware:
     def loads_like(self, other: Hardware) -> bool:
         """Whether a model loaded for ``other`` is the one this profile loads (`models.load_model`);
         the other fields choose how its forwards run."""
-        fields = ("device", "dtype", "attn_implementation", "prepack_linear")
+        fields = ("device", "dtype", "attn_implementation", "prepack_linear", "row_block", "max_verify_tokens")
         return all(getattr(self, f) == getattr(other, f) for f in fields)
 
     def describe(self) -> dict:
@@ -51,7 +53,8 @@ class Hardware:
                 "attn_implementation": self.attn_implementation, "bool_masks": self.bool_masks,
                 "prepack_linear": self.prepack_linear, "cuda_graphs": self.cuda_graphs,
                 "verify_width": self.verify_width, "compile": self.compile, "lean_forward": self.lean_forward,
-                "torch_threads": torch.get_num_threads()}
+                "row_block": self.row_block, "max_verify_tokens": self.max_verify_tokens,
+                "exactness_probe": self.exactness_probe, "torch_threads": torch.get_num_threads()}
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
         return info
@@ -130,7 +133,23 @@ def resolve(cfg) -> Hardware:
         if cfg.attn_implementation != "row_invariant":
             raise SpecsweepError("hardware.lean_forward=true attends over masked cache slots, which keeps a row's "
                                  f"bits under attn_implementation=row_invariant only, not {cfg.attn_implementation}")
+    row_block = cfg.get("row_block", 1)
+    if row_block is None:
+        row_block = 1
+    if row_block != "auto" and (isinstance(row_block, bool) or not isinstance(row_block, int) or row_block < 1):
+        raise SpecsweepError(f"hardware.row_block must be auto or a positive integer, got {row_block!r}")
+    if row_block != 1 and not prepack:
+        raise SpecsweepError("hardware.row_block pads the rows of prepacked products: it needs prepack_linear=true")
+    max_verify = cfg.get("max_verify_tokens")
+    if max_verify is not None and (isinstance(max_verify, bool) or not isinstance(max_verify, int) or max_verify < 1):
+        raise SpecsweepError(f"hardware.max_verify_tokens must be a positive integer or null, got {max_verify!r}")
+    probe = cfg.get("exactness_probe", False)
+    if not isinstance(probe, bool):
+        raise SpecsweepError(f"hardware.exactness_probe must be true or false, got {probe!r}")
+    if probe and max_verify is None and verify_width is None:
+        raise SpecsweepError("hardware.exactness_probe=true needs the largest verify it must prove: "
+                             "set hardware.max_verify_tokens or hardware.verify_width")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     return Hardware(torch.device(device), DTYPES[dtype_name], cfg.attn_implementation, tree_mask == "bool",
-                    cfg.get("max_verify_tokens"), prepack, cuda_graphs, verify_width, compile_forwards, lean_forward)
+                    max_verify, prepack, cuda_graphs, verify_width, compile_forwards, lean_forward, row_block, probe)

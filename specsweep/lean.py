@@ -31,18 +31,27 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from specsweep.cache import move_entries
 from specsweep.errors import SpecsweepError
-from specsweep.prepack import pack_weight, packed_linear
+from specsweep.prepack import pack_weight, packed_linear, row_block_for
 
 BUCKET = 64  # cache positions per allocation (see BucketCache)
 
 
-def _pack(*linears: nn.Linear) -> torch.Tensor:
-    """The linears' weights concatenated, packed for oneDNN (a prepacked single linear's own copy)."""
-    packed = [getattr(linear, "packed_weight", None) for linear in linears]  # specsweep.prepack's copies
-    if len(linears) == 1 and packed[0] is not None:
-        return packed[0]
-    dense = [p.to_dense() if p is not None else linear.weight for p, linear in zip(packed, linears)]
-    return pack_weight(torch.cat(dense))
+class _Product:
+    """The linears' weights concatenated and packed for oneDNN (a prepacked single linear's own
+    copy), with the row block of that shape (`specsweep.prepack.row_block_for`)."""
+
+    def __init__(self, linears: tuple[nn.Linear, ...], row_block: int | str, max_rows: int | None):
+        packed = [getattr(linear, "packed_weight", None) for linear in linears]  # specsweep.prepack's copies
+        if len(linears) == 1 and packed[0] is not None:  # the HF forward's own product
+            self.weight, self.row_block = packed[0], linears[0].row_block
+            return
+        dense = [p.to_dense() if p is not None else linear.weight for p, linear in zip(packed, linears)]
+        self.weight = pack_weight(torch.cat(dense))
+        shape = (linears[0].in_features, sum(linear.out_features for linear in linears))
+        self.row_block = row_block_for(self.weight, *shape, row_block, max_rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.weight, self.row_block)
 
 
 def check_model(model) -> None:
@@ -67,19 +76,25 @@ def check_model(model) -> None:
 
 
 class LeanLlama:
-    """``model``'s verify forward (a loaded transformers Llama, its linears prepacked or not)."""
+    """``model``'s verify forward (a loaded transformers Llama, its linears prepacked or not; fused
+    products take row blocks as its prepacking did, `specsweep.prepack`)."""
 
     def __init__(self, model):
         check_model(model)
+        row_block, max_rows = getattr(model, "row_blocking", (1, None))
         self.model = model
         self.attend = ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation, eager_attention_forward)
         self.layers = []
+
+        def product(*linears):
+            return _Product(linears, row_block, max_rows)
+
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append((layer.input_layernorm, _pack(attn.q_proj, attn.k_proj, attn.v_proj), attn,
-                                _pack(attn.o_proj), layer.post_attention_layernorm,
-                                _pack(mlp.gate_proj, mlp.up_proj), _pack(mlp.down_proj)))
-        self.lm_head = _pack(model.lm_head)
+            self.layers.append((layer.input_layernorm, product(attn.q_proj, attn.k_proj, attn.v_proj), attn,
+                                product(attn.o_proj), layer.post_attention_layernorm,
+                                product(mlp.gate_proj, mlp.up_proj), product(mlp.down_proj)))
+        self.lm_head = product(model.lm_head)
         first, config = model.model.layers[0].self_attn, model.config
         self.head_dim, self.scaling = first.head_dim, first.scaling
         self.q_heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -102,19 +117,19 @@ class LeanLlama:
         cos, sin = cos[:, None], sin[:, None]
         qk_width, half = (self.q_heads + self.kv_heads) * d, d // 2
         for index, (norm1, qkv_w, attn, o_w, norm2, gate_up_w, down_w) in enumerate(self.layers):
-            qkv = packed_linear(_rms_norm(x, norm1), qkv_w)
+            qkv = qkv_w(_rms_norm(x, norm1))
             qk = qkv[..., :qk_width].view(1, n, -1, d).transpose(1, 2)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # apply_rotary_pos_emb
             key, value = cache.keys[index], cache.values[index]
             key[:, :, cached:cached + n] = qk[:, self.q_heads:]
             value[:, :, cached:cached + n] = qkv[..., qk_width:].view(1, n, -1, d).transpose(1, 2)
             out, _ = self.attend(attn, qk[:, :self.q_heads], key, value, mask, dropout=0.0, scaling=self.scaling)
-            x = x + packed_linear(out.reshape(1, n, -1), o_w)
-            gate_up = packed_linear(_rms_norm(x, norm2), gate_up_w)
+            x = x + o_w(out.reshape(1, n, -1))
+            gate_up = gate_up_w(_rms_norm(x, norm2))
             gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
-            x = x + packed_linear(nn.functional.silu(gate) * up, down_w)
+            x = x + down_w(nn.functional.silu(gate) * up)
         cache.length = cached + n
-        return packed_linear(_rms_norm(x, self.model.model.norm), self.lm_head)[0]
+        return self.lm_head(_rms_norm(x, self.model.model.norm))[0]
 
 
 class BucketCache:

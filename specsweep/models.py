@@ -127,7 +127,7 @@ def load_model(model_dir: Path, hw: Hardware):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=hw.dtype, attn_implementation=hw.attn_implementation)
     model = model.to(hw.device).eval()
     if hw.prepack_linear:
-        prepack_linears(model)
+        prepack_linears(model, hw.row_block, hw.max_verify_tokens)
     return model
 
 

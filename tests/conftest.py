@@ -48,14 +48,30 @@ def embedded():
     return models.load_model(model_dir, Hardware(torch.device("cpu"), torch.float32, "sdpa")), tokenizer
 
 
+def bf16_unsupported() -> str | None:
+    """Why `hardware=cpu-bf16` cannot run here (no oneDNN bf16, or an ONEDNN_MAX_CPU_ISA cap below
+    the bf16 kernels), naming the ISA: bit tests skip with it as the reason; None where it runs."""
+    from specsweep.errors import SpecsweepError
+    from specsweep.prepack import check_supported
+
+    try:
+        check_supported(torch.device("cpu"), torch.bfloat16)
+    except SpecsweepError as err:
+        return f"{err} (ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')})"
+    return None
+
+
 @pytest.fixture(scope="session")
 def bf16():
     """(model, tokenizer): the embedded target as `hardware=cpu-bf16` loads it (bf16, row-invariant
-    attention, prepacked linears)."""
+    attention, prepacked linears with the row blocks this machine needs for verifies of 32 rows)."""
     from specsweep import models
 
+    if reason := bf16_unsupported():
+        pytest.skip(reason)
     model_dir = models.resolve_model_dir("embedded:smollm2-135m-instruct", "target.path", CACHE_DIR)
-    hw = Hardware(torch.device("cpu"), torch.bfloat16, "row_invariant", prepack_linear=True)
+    hw = Hardware(torch.device("cpu"), torch.bfloat16, "row_invariant", max_verify_tokens=32, prepack_linear=True,
+                  row_block="auto")
     return models.load_model(model_dir, hw), models.load_tokenizer(model_dir)
 
 

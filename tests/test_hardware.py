@@ -59,3 +59,17 @@ def test_bool_tree_masks_need_sdpa():
         hardware.resolve(profile("cpu", tree_mask="bool", attn_implementation="eager"))
     with pytest.raises(SpecsweepError, match="choose additive or bool"):
         hardware.resolve(profile("cpu", tree_mask="int"))
+
+
+def test_cpu_bf16_is_refused_in_one_line_below_the_bf16_kernels(tmp_path):
+    """Capped to AVX2, oneDNN has no bf16 products: cpu-bf16 stops before loading anything."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-m", "specsweep", "hardware=cpu-bf16", f"hydra.run.dir={tmp_path}"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "prepack_linear=true" in line]
+    assert len(lines) == 1 and "bf16" in lines[0]

@@ -19,11 +19,9 @@ from specsweep.prepack import prepack_linears
 from specsweep.sampling import Sampling
 from specsweep.target import DynamicTarget, LeanTarget, make_runner
 from specsweep.tree import Tree
-from tests.conftest import REPO, tiny_llama
+from tests.conftest import bf16_unsupported, REPO, tiny_llama
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available()
-                                or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                                reason="no oneDNN bf16 on this CPU")
+pytestmark = pytest.mark.skipif(bool(bf16_unsupported()), reason=bf16_unsupported() or "")
 
 TREES = [Tree.binary(3), Tree((-1, 0, 1, 2, -1, 4, 5, 6))]  # gap rows gathered by depth, by chain
 

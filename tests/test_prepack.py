@@ -11,11 +11,9 @@ from torch import nn
 from specsweep.errors import SpecsweepError
 from specsweep.hardware import resolve
 from specsweep.prepack import check_supported, prepack_linears
-from tests.conftest import tiny_llama
+from tests.conftest import bf16_unsupported, tiny_llama
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available()
-                                or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                                reason="no oneDNN bf16 on this CPU")
+pytestmark = pytest.mark.skipif(bool(bf16_unsupported()), reason=bf16_unsupported() or "")
 
 
 def test_packed_linear_has_the_plain_bits_for_decode_and_verify_sizes():
