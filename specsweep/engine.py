@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specsweep.draft_length import LengthPolicy
 from specsweep.drafters.base import Draft, Drafter
 from specsweep.sampling import Sampling, greedy_tokens, sample
 from specsweep.target import DynamicTarget, GraphTarget
@@ -57,6 +58,8 @@ class Engine:
     ``shape`` is the draft per step: an int (a chain of that many tokens), a `Tree` or a
     `DynamicTreeSpec`. Trees are verified in one target forward with a tree attention mask.
     ``runner`` holds the target's KV cache and runs its forwards (`specsweep.target`).
+    ``length_policy`` (`draft.length_policy: cost`) cuts each chain proposal to the length that pays
+    for its verify cost, and times the verify steps it runs (`specsweep.draft_length`).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class Engine:
         eos_token_ids: list[int],
         generator: torch.Generator | None = None,
         runner: DynamicTarget | GraphTarget | None = None,
+        length_policy: LengthPolicy | None = None,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"decode.max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -83,6 +87,7 @@ class Engine:
         self.device = target.device
         self.generator = generator  # shared with a sampling drafter: one random stream per run
         self.runner = runner or DynamicTarget(target)  # the hardware profile's (target.make_runner)
+        self.length_policy = length_policy if drafter is not None else None
 
     def _choose(self, logits: torch.Tensor) -> int:
         if self.sampling.greedy:
@@ -125,6 +130,10 @@ class Engine:
         # committed tokens live in one preallocated buffer: no per-step concatenation
         ids = torch.empty(1, prompt_len + limit + 1, dtype=torch.long, device=self.device)
         ids[:, :prompt_len] = prompt_ids
+        policy = self.length_policy
+        if policy is not None and policy.costs.needs_calibration:  # no cached curve: before the timer
+            policy.costs.calibrate(self.runner, prompt_ids, sync)
+            policy.costs.save()
         sync()
         start = clock()
 
@@ -144,6 +153,8 @@ class Engine:
             # never draft past the limit: every accepted token is then kept (EOS aside)
             room = limit - len(output) - 1
             draft = self._propose(ids[:, :length], room) if self.drafter is not None and room > 0 else None
+            if policy is not None and draft is not None:
+                draft = policy.cut(draft)
             n = 0 if draft is None else draft.tokens.numel()
             sync()
             t1 = clock()
@@ -181,6 +192,8 @@ class Engine:
             stats.draft_tokens += n
             stats.accepted_tokens += accepted
             stats.accepted_per_step.append(accepted)
+            if policy is not None:
+                policy.observe(draft, len(path), t2 - t1)
 
         sync()
         stats.wall_s = clock() - start

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from specsweep import datasets, hardware, models
+from specsweep.draft_length import POLICIES, LengthPolicy, VerifyCosts, cost_key, cost_path
 from specsweep.drafters import BuildContext, build_drafter, check_tree_support, model_paths
 from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
@@ -41,6 +42,11 @@ def decoding_settings(cfg: DictConfig) -> tuple[Sampling, Tree | DynamicTreeSpec
     if cfg.decode.max_new_tokens < 1:
         raise SpecsweepError(f"decode.max_new_tokens must be >= 1, got {cfg.decode.max_new_tokens}")
     check_tree_support(cfg.draft, shape)
+    policy = cfg.draft.get("length_policy", "fixed")
+    if policy not in POLICIES:
+        raise SpecsweepError(f"draft.length_policy={policy}: choose one of {', '.join(POLICIES)}")
+    if policy == "cost" and not (isinstance(shape, Tree) and shape.is_chain):
+        raise SpecsweepError("draft.length_policy=cost cuts chains: use tree=chain (tree.depth is the longest draft)")
     return sampling, shape
 
 
@@ -68,7 +74,17 @@ def build_engine(cfg: DictConfig, target, tokenizer, hw: hardware.Hardware, mode
     generator = torch.Generator(device=hw.device)
     ctx = BuildContext(target, tokenizer, sampling, generator, hw, model_dirs, Path(cfg.cache_dir))
     return Engine(target, build_drafter(cfg.draft, ctx), shape, sampling, cfg.decode.max_new_tokens,
-                  models.eos_token_ids(target, tokenizer), generator, make_runner(target, hw))
+                  models.eos_token_ids(target, tokenizer), generator, make_runner(target, hw),
+                  length_policy(cfg, hw, shape))
+
+
+def length_policy(cfg: DictConfig, hw: hardware.Hardware, shape: Tree | DynamicTreeSpec) -> LengthPolicy | None:
+    """`draft.length_policy: cost`: the policy, its verify-cost curve cached in cache_dir/costs/ for
+    this machine, lock, target and hardware profile (None for `fixed`)."""
+    if cfg.draft.get("length_policy", "fixed") != "cost":
+        return None
+    key = cost_key(cfg.target.path, hw)
+    return LengthPolicy(VerifyCosts(shape.num_nodes + 1, cost_path(Path(cfg.cache_dir), key), key))
 
 
 def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None = None) -> dict:
@@ -111,6 +127,9 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None 
             progress.update(task, advance=1, rate=f"{summarize(stats)['tokens_per_s']:.1f} tok/s")
 
         metrics = {**summarize(stats), "draft_counters": drafter.counters() if drafter else {}, **header}
+        if engine.length_policy is not None:  # the curve used, the lengths chosen; the refined curve cached
+            metrics["draft_length"] = engine.length_policy.record()
+            engine.length_policy.costs.save()
         if evaluate:  # after decoding: scoring is outside every timer
             fields, metrics["evaluation"] = pass_at_1.score_samples(samples, prompts, cfg.evaluation,
                                                                     cfg.dataset.prompt_format)

@@ -18,6 +18,9 @@ class Draft:
     tokens: torch.Tensor  # [n] long, n may be 0 (nothing to propose: the step decodes one token)
     probs: torch.Tensor | None = None  # chains only: [n, V] distributions the tokens were sampled from
     tree: Tree | None = None  # the drafted tree (node i holds tokens[i]); None = a chain
+    # what produced it (e.g. prompt lookup's "long_match"): the cost length policy estimates
+    # acceptance per kind (specsweep/draft_length.py); None = the drafter's only kind
+    kind: str | None = None
 
 
 class Drafter:

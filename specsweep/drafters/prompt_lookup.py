@@ -24,7 +24,16 @@ recorded. (Keyed by 3 tokens instead of 1, tokens per step on HumanEval 0..95 ro
 
 With a ``datastore`` (`specsweep.drafters.datastore`: the target's outputs of an earlier run), a step
 without a strong match first continues the text's end from the datastore, up to ``datastore_tokens``
-tokens, and the recycling table starts with the datastore's recorded choices.
+tokens (None: the step's full depth), and the recycling table starts with the datastore's recorded
+choices.
+
+Each draft names its kind (`Draft.kind`) for `draft.length_policy: cost` (`specsweep.draft_length`),
+which cuts each chain to the length its kind's acceptance and the verify cost pay for:
+``long_match:<n>`` and ``short_match:<n>`` (a match of n tokens; a short one extended by recycling
+where that is on), ``datastore`` or ``recycling`` (no match: the recorded choices alone). The match
+length is in the kind because it predicts acceptance: on the target's outputs for HumanEval 0..123,
+the first token of an 8-token match was right 90% of the time, of a 3-token match 61%, of a
+1-token match 32%.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ class PromptLookupDrafter(Drafter):
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, weak_ngram: int = 1, weak_tokens: int | None = None,
                  recycle_tokens: int = 0, recycle_branches: int = 1, recycle_context: int = 1,
-                 datastore: Datastore | None = None, datastore_tokens: int = 15):
+                 datastore: Datastore | None = None, datastore_tokens: int | None = 15):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if weak_tokens is not None and weak_tokens < 0:
@@ -60,8 +69,8 @@ class PromptLookupDrafter(Drafter):
         # last 1..recycle_context tokens -> the target's top choices after them (kept across prompts)
         self.recycled: dict[tuple[int, ...], list[int]] = {}
         self.tokens: list[int] = []  # the committed text as of the last proposal
-        if datastore_tokens < 1:
-            raise ValueError(f"datastore_tokens must be >= 1, got {datastore_tokens}")
+        if datastore_tokens is not None and datastore_tokens < 1:
+            raise ValueError(f"datastore_tokens must be >= 1 or null, got {datastore_tokens}")
         self.datastore, self.datastore_tokens = datastore, datastore_tokens
         self.warmed = False  # the recycling table holds the datastore's choices
         self.datastore_drafts = 0  # steps drafted from the datastore
@@ -110,21 +119,23 @@ class PromptLookupDrafter(Drafter):
 
     def propose(self, ids: torch.Tensor, max_tokens: int) -> Draft:
         self._extend(ids)
-        draft, strong = self._lookup(max_tokens)
+        draft, strong, matched = self._lookup(max_tokens)
         if not strong and self.datastore is not None:
-            stored = self.datastore.continuation(self.tokens, min(self.datastore_tokens, max_tokens))
+            limit = max_tokens if self.datastore_tokens is None else min(self.datastore_tokens, max_tokens)
+            stored = self.datastore.continuation(self.tokens, limit)
             if stored:
                 self.datastore_drafts += 1
-                return Draft(torch.tensor(stored, dtype=torch.long, device=ids.device))
+                return Draft(torch.tensor(stored, dtype=torch.long, device=ids.device), kind="datastore")
         if strong or not self.recycle_tokens:
-            return Draft(torch.tensor(draft, dtype=torch.long, device=ids.device))
+            kind = f"{'long' if strong else 'short'}_match:{matched}" if draft else None
+            return Draft(torch.tensor(draft, dtype=torch.long, device=ids.device), kind=kind)
         depth = min(self.recycle_tokens, max_tokens)
         starts = [[t] for t in self._recycled_after(self.tokens)]
         if self.recycle_branches == 1:
             paths = [self._recycle(draft[:depth] or starts[0], depth)] if draft or starts else []
         else:
             paths = ([self._recycle(draft[:depth], depth)] if draft else []) + [self._recycle(s, depth) for s in starts]
-        return _trie_draft(paths, max_tokens, ids.device)
+        return _trie_draft(paths, max_tokens, ids.device, f"short_match:{matched}" if draft else "recycling")
 
     def _recycle(self, path: list[int], depth: int) -> list[int]:
         """``path`` extended to ``depth`` tokens by the target's recorded first choices."""
@@ -144,8 +155,9 @@ class PromptLookupDrafter(Drafter):
                 return choices
         return []
 
-    def _lookup(self, max_tokens: int) -> tuple[list[int], bool]:
-        """The continuation of the longest matching suffix, and whether the match was strong."""
+    def _lookup(self, max_tokens: int) -> tuple[list[int], bool, int]:
+        """The continuation of the longest matching suffix, whether the match was strong, and its
+        length (0: none)."""
         tokens, length = self.tokens, len(self.tokens)
         for n in range(min(self.max_ngram, length), self.min_ngram - 1, -1):
             start = self.next_after.get(tuple(tokens[length - n:]))
@@ -154,8 +166,8 @@ class PromptLookupDrafter(Drafter):
                 if not strong and self.weak_tokens is not None:
                     max_tokens = min(max_tokens, self.weak_tokens)
                 source = tokens[start:]  # p = length - start tokens; the copy repeats them (see above)
-                return (source * (max_tokens // len(source) + 1))[:max_tokens], strong
-        return [], False
+                return (source * (max_tokens // len(source) + 1))[:max_tokens], strong, n
+        return [], False, 0
 
     def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
         if not self.recycle_tokens:
@@ -195,7 +207,7 @@ class PromptLookupDrafter(Drafter):
         return fill_tree(shape, candidates, ids.device)
 
 
-def _trie_draft(paths: list[list[int]], max_nodes: int, device: torch.device) -> Draft:
+def _trie_draft(paths: list[list[int]], max_nodes: int, device: torch.device, kind: str | None = None) -> Draft:
     """Token paths merged on common prefixes, the first paths first, at most ``max_nodes`` nodes:
     a chain Draft for one path, else a tree Draft. Nodes are numbered path by path, so the first
     path's rows see one unbroken run of keys and need no gather in `row_invariant` attention."""
@@ -206,6 +218,6 @@ def _trie_draft(paths: list[list[int]], max_nodes: int, device: torch.device) ->
                 node_of[tuple(path[:end])] = len(node_of)
     prefixes = list(node_of)  # parents come before their children
     if all(len(p) == i + 1 for i, p in enumerate(prefixes)):  # a single chain
-        return Draft(torch.tensor(prefixes[-1] if prefixes else [], dtype=torch.long, device=device))
+        return Draft(torch.tensor(prefixes[-1] if prefixes else [], dtype=torch.long, device=device), kind=kind)
     tree = Tree(tuple(node_of[p[:-1]] if len(p) > 1 else -1 for p in prefixes))
-    return Draft(torch.tensor([p[-1] for p in prefixes], dtype=torch.long, device=device), tree=tree)
+    return Draft(torch.tensor([p[-1] for p in prefixes], dtype=torch.long, device=device), tree=tree, kind=kind)
