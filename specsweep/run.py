@@ -16,13 +16,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from specsweep import datasets, hardware, models
+from specsweep import datasets, exactness, hardware, models
 from specsweep.draft_length import POLICIES, LengthPolicy, VerifyCosts, cost_key, cost_path
 from specsweep.drafters import BuildContext, build_drafter, check_tree_support, model_paths
 from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
 from specsweep.evaluation import pass_at_1
 from specsweep.metrics import summarize
+from specsweep.prepack import row_blocks
 from specsweep.results import METRICS, SAMPLES, environment, write_json, write_jsonl
 from specsweep.sampling import Sampling
 from specsweep.target import make_runner
@@ -100,11 +101,13 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None 
     target = models.load_model(model_dirs["target.path"], hw)
     engine = build_engine(cfg, target, tokenizer, hw, model_dirs, sampling, shape)
     generator, drafter = engine.generator, engine.drafter
+    probe = exactness.ensure_exact(engine.runner, target, hw, shape if drafter else None, Path(cfg.cache_dir))
     if drafter is not None:
         drafter.prepare(encoded)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    header = {**shape_record(shape), "config": resolved, "choices": choices, "hardware": hw.describe(), **environment()}
+    header = {**shape_record(shape), "config": resolved, "choices": choices, "hardware": hw.describe(),
+              "row_blocks": row_blocks(target), "exactness": probe, **environment()}
     samples, stats = [], []
     with make_tracker(cfg.logger, resolved, choices, run_dir, group) as tracker, _progress() as progress:
         task = progress.add_task("decoding", total=len(prompts), rate="")

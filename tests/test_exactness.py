@@ -3,6 +3,7 @@ a run proves on the machine that its verifies keep one-row bits, or stops with o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -132,3 +133,16 @@ def test_without_row_blocks_the_avx512_bf16_kernels_are_refused(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if "exactness probe failed" in line]
     assert len(lines) == 1 and "rounds row" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_a_cpu_bf16_run_records_its_probe_and_row_blocks(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["hardware=cpu-bf16", "hardware.threads=1", "dataset.limit=1", "evaluate=false", "decode.max_new_tokens=8",
+            f"cache_dir={CACHE_DIR}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run([sys.executable, "-m", "specsweep", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["exactness"]["passed"] and metrics["exactness"]["largest_chain"] == 5  # the default chain of 4
+    assert metrics["row_blocks"]["1536->576"] in (1, 2, 4, 8, 16, 32)
+    assert metrics["machine_fingerprint"] and metrics["lock_sha256"]
