@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	$(PY) -m specsweep.results --check-lock
+	$(PY) -m specsweep.app.results --check-lock
 	touch $(STAMP)
 
 lock:  ## re-resolve requirements.lock (pip-compile --generate-hashes); see the comment at the top
@@ -82,7 +82,7 @@ test-slurm: setup  ## needs a running SLURM (bash launchers/local-slurm.sh)
 	SPECSWEEP_REQUIRE_SLURM=1 $(PY) -m pytest -q -m slurm $(ARGS)
 
 bench: setup  ## side-by-side speed: HF generate / prompt lookup vs ours -> results/bench/
-	$(PY) -m specsweep.bench --offset 124 --limit 10 --max-new-tokens 200 --threads 1 --set hardware=cpu-bf16 \
+	$(PY) -m specsweep.tools.bench --offset 124 --limit 10 --max-new-tokens 200 --threads 1 --set hardware=cpu-bf16 \
 		--ours "ar=draft=none" "default=" "best=experiment=best" --hf generate prompt-lookup $(ARGS)
 
 test-all: setup
@@ -97,4 +97,4 @@ reproduce: setup  ## seeds 000 + 001 at SCALE=quick|full|paper -> results/reprod
 	SCALE=$(SCALE) PY=$(PY) bash scripts/reproduce.sh $(ARGS)
 
 report: setup  ## REPORT.md + plots from sweep dirs: make report DIRS="outputs/sweeps/A outputs/sweeps/B" [ARGS=--out DIR]
-	$(PY) -m specsweep.report $(DIRS) $(ARGS)
+	$(PY) -m specsweep.app.report $(DIRS) $(ARGS)

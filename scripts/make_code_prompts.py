@@ -12,8 +12,8 @@ tuning split first: tune on `--offset 0 --limit T`, report on `--offset T` (T pr
 from __future__ import annotations
 
 import argparse
-import inspect
 import importlib
+import inspect
 import json
 import sys
 from pathlib import Path

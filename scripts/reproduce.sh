@@ -77,7 +77,7 @@ wait_sweeps
 
 dirs=()
 for dir in "$OUT"/seed*; do [ -d "$dir" ] && dirs+=("$dir"); done
-"$PY" -m specsweep.report "${dirs[@]}" --out "$RESULTS" || failed+=(report)
+"$PY" -m specsweep.app.report "${dirs[@]}" --out "$RESULTS" || failed+=(report)
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "reproduce: sweeps with failed jobs: ${failed[*]} (listed in $RESULTS/REPORT.md)" >&2

@@ -11,12 +11,13 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from specsweep import summary
+from specsweep.app import summary
+from specsweep.app.results import ERROR, METRICS, git_commit, write_json
+from specsweep.app.tracking import sweep_group
 from specsweep.errors import SpecsweepError
-from specsweep.results import ERROR, METRICS, git_commit, write_json
-from specsweep.tracking import sweep_group
 
 log = logging.getLogger("specsweep")
 GROUPS = ("target", "draft", "tree", "dataset", "decode", "hardware", "logger", "experiment")
@@ -38,22 +39,19 @@ def run_job(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None):
     if done is not None:
         log.info("results for this configuration and code exist in %s: not running it again", run_dir)
         return done
-    if cfg.job == "decode":
-        from specsweep.run import run_decode
-
-        return run_decode(cfg, run_dir, choices, group)
-    if cfg.job == "tree_attention":
-        from specsweep.attention.benchmark import run
-
-        return run(cfg.bench, run_dir)
-    if cfg.job == "layer_skip_search":
-        from specsweep.layer_search import run
-
-        return run(cfg, run_dir)
-    raise SpecsweepError(f"job={cfg.job}: unknown job (decode, tree_attention, layer_skip_search)")
+    return find_job(cfg.job)(cfg, run_dir, choices, group)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def find_job(path: str):
+    """``job``: the dotted path of a function (cfg, run_dir, choices, group) -> metrics; the app
+    imports it only when it runs (tools are never imported by the app itself)."""
+    try:
+        return get_method(path)
+    except Exception:  # noqa: BLE001 (Hydra wraps what went wrong in its own errors)
+        raise SpecsweepError(f"job={path}: no such function (the default is specsweep.app.run.run_decode)") from None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def app(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -78,7 +76,7 @@ def app(cfg: DictConfig):
 
 def main() -> None:
     if sys.argv[1:2] == ["report"]:  # python -m specsweep report SWEEP_DIR...
-        from specsweep import report
+        from specsweep.app import report
 
         sys.exit(report.main(sys.argv[2:]))
     app()

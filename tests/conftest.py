@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specsweep.hardware import Hardware
+from specsweep.backends.hardware import Hardware
 
 REPO = Path(__file__).resolve().parent.parent
 # tests share the user's converted-model cache (the GGUF conversion costs ~15 s once)
@@ -41,7 +41,7 @@ def perturbed_copy(model: LlamaForCausalLM, noise: float, seed: int) -> LlamaFor
 @pytest.fixture(scope="session")
 def embedded():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, fp32 on CPU."""
-    from specsweep import models
+    from specsweep.app import models
 
     model_dir = models.resolve_model_dir("embedded:smollm2-135m-instruct", "target.path", CACHE_DIR)
     tokenizer = models.load_tokenizer(model_dir)
@@ -51,8 +51,8 @@ def embedded():
 def bf16_unsupported() -> str | None:
     """Why `hardware=cpu-bf16` cannot run here (no oneDNN bf16, or an ONEDNN_MAX_CPU_ISA cap below
     the bf16 kernels), naming the ISA: bit tests skip with it as the reason; None where it runs."""
+    from specsweep.backends.prepack import check_supported
     from specsweep.errors import SpecsweepError
-    from specsweep.prepack import check_supported
 
     try:
         check_supported(torch.device("cpu"), torch.bfloat16)
@@ -65,7 +65,7 @@ def bf16_unsupported() -> str | None:
 def bf16():
     """(model, tokenizer): the embedded target as `hardware=cpu-bf16` loads it (bf16, row-invariant
     attention, prepacked linears with the row blocks this machine needs for verifies of 32 rows)."""
-    from specsweep import models
+    from specsweep.app import models
 
     if reason := bf16_unsupported():
         pytest.skip(reason)

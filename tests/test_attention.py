@@ -6,9 +6,10 @@ import random
 import pytest
 import torch
 
-from specsweep import attention
-from specsweep.attention import flex
-from specsweep.tree import MEDUSA_TREE_FILE, Tree
+from specsweep import CONF_DIR
+from specsweep.core.tree import MEDUSA_TREE_FILE, Tree
+from specsweep.tools import tree_attention as attention
+from specsweep.tools.tree_attention import flex
 
 
 def random_tree(num_nodes: int, seed: int) -> Tree:
@@ -136,15 +137,14 @@ def test_flex_unavailable_off_cpu_and_cuda():
 
 def test_benchmark_run_writes_its_outputs(tmp_path, monkeypatch):
     import csv
-    from pathlib import Path
 
     from omegaconf import OmegaConf
 
-    from specsweep.attention import benchmark
+    from specsweep.tools.tree_attention import benchmark
 
-    experiment = Path(__file__).resolve().parents[1] / "conf" / "experiment" / "tree_attention.yaml"
+    experiment = CONF_DIR / "experiment" / "tree_attention.yaml"
     cfg = OmegaConf.load(experiment)
-    assert cfg.job == "tree_attention"
+    assert cfg.job == "specsweep.tools.tree_attention.benchmark.job"
     bench = OmegaConf.merge(
         cfg.bench,
         {
@@ -182,7 +182,7 @@ def test_benchmark_run_writes_its_outputs(tmp_path, monkeypatch):
 def test_axes_sweep_varies_one_coordinate_at_a_time():
     from omegaconf import OmegaConf
 
-    from specsweep.attention.benchmark import Point, sweep_points
+    from specsweep.tools.tree_attention.benchmark import Point, sweep_points
 
     cfg = OmegaConf.create(
         {

@@ -11,10 +11,12 @@ import torch
 from omegaconf import OmegaConf
 
 from specsweep import __main__ as app_main
-from specsweep import audit, bench, report, summary
+from specsweep.app import audit, report, summary
+from specsweep.backends.target import DynamicTarget
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
-from specsweep.engine import Engine
-from specsweep.sampling import Sampling
+from specsweep.tools import bench
 from tests.conftest import tiny_llama
 from tests.test_report import TREES, job, metrics
 
@@ -113,7 +115,7 @@ def test_nothing_to_compare_is_na():
 def test_autoregressive_runs_record_the_target_top2_margin_of_every_output_token():
     target = tiny_llama(3, vocab=64)
     prompt = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
-    result = Engine(target, None, 0, Sampling(), 16, []).generate(prompt)
+    result = Engine(target, None, 0, Sampling(), 16, [], runner=DynamicTarget(target)).generate(prompt)
     assert len(result.margins) == len(result.top_logits) == len(result.output_ids) == 16
     # the same numbers from one forward over prompt + output: row i scored output token i
     with torch.inference_mode():
@@ -123,7 +125,7 @@ def test_autoregressive_runs_record_the_target_top2_margin_of_every_output_token
     torch.testing.assert_close(torch.tensor(result.top_logits, dtype=torch.float64), top[:, 0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(result.margins, dtype=torch.float64), top[:, 0] - top[:, 1],
                                rtol=1e-3, atol=1e-5)
-    drafted = Engine(target, PromptLookupDrafter(), 4, Sampling(), 16, []).generate(prompt)
+    drafted = Engine(target, PromptLookupDrafter(), 4, Sampling(), 16, [], runner=DynamicTarget(target)).generate(prompt)
     assert drafted.margins is None and drafted.top_logits is None  # only the reference records them
 
 

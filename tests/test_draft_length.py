@@ -8,19 +8,18 @@ import json
 import pytest
 import torch
 
-from specsweep import replay
-from specsweep.bench import compose_cfg
-from specsweep.draft_length import (Acceptance, LengthPolicy, VerifyCosts, choose_length, cost_key, cost_path,
-                                    monotone)
-from specsweep.drafters.base import Draft
+from specsweep.app.run import cost_key, cost_path, decoding_settings
+from specsweep.backends.hardware import Hardware
+from specsweep.backends.target import DynamicTarget, GraphTarget
+from specsweep.core.draft import Draft
+from specsweep.core.draft_length import Acceptance, LengthPolicy, VerifyCosts, choose_length, monotone
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
-from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
-from specsweep.hardware import Hardware
-from specsweep.run import decoding_settings
-from specsweep.sampling import Sampling
-from specsweep.target import DynamicTarget, GraphTarget
+from specsweep.tools import replay
+from specsweep.tools.bench import compose_cfg
 from tests.conftest import perturbed_copy, tiny_llama
 
 GREEDY = Sampling()
@@ -153,7 +152,7 @@ def test_the_cache_key_and_round_trip(tmp_path):
 # ---- in the engine -------------------------------------------------------------------------------
 
 def autoregressive(target, prompt, limit):
-    return Engine(target, None, 0, GREEDY, limit, []).generate(prompt).output_ids
+    return Engine(target, None, 0, GREEDY, limit, [], runner=DynamicTarget(target)).generate(prompt).output_ids
 
 
 @pytest.mark.parametrize("curve", [{1: 1.0, 32: 1.0}, AMD, {1: 1.0, 32: 8.0}])
@@ -166,7 +165,7 @@ def test_greedy_decoding_with_the_length_policy_equals_autoregressive(curve):
         for drafter in (PromptLookupDrafter(4, 1, weak_ngram=2, recycle_tokens=7, recycle_context=2),
                         ModelDrafter(draft, GREEDY)):
             policy = LengthPolicy(VerifyCosts.from_ratios(curve, 8))
-            result = Engine(target, drafter, 7, GREEDY, 60, [], length_policy=policy).generate(prompt)
+            result = Engine(target, drafter, 7, GREEDY, 60, [], length_policy=policy, runner=DynamicTarget(target)).generate(prompt)
             assert result.output_ids == expected
             assert result.stats.draft_tokens == sum(n * c for counts in policy.chosen.values()
                                                     for n, c in counts.items())
@@ -224,7 +223,7 @@ def test_experiment_best_uses_the_cost_policy_and_defaults_stay_fixed():
 
 
 def test_a_run_records_the_curve_and_the_lengths_and_caches_the_curve(model_dirs, tmp_path):
-    from specsweep.run import run_decode
+    from specsweep.app.run import run_decode
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("def add(a, b):\n    return", "import os")))

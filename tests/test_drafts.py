@@ -9,21 +9,22 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from specsweep.backends.target import DynamicTarget
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling
 from specsweep.drafters.bigram import BigramDrafter, count_bigrams, load_csdrafting_json
 from specsweep.drafters.cascade import CascadeDrafter
 from specsweep.drafters.layer_skip import kept_layers, layer_skip_drafter
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
-from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
-from specsweep.sampling import Sampling
 from tests.conftest import perturbed_copy, tiny_llama
 
 GREEDY = Sampling()
 
 
 def autoregressive(target, prompt, limit):
-    return Engine(target, None, 0, GREEDY, limit, []).generate(prompt).output_ids
+    return Engine(target, None, 0, GREEDY, limit, [], runner=DynamicTarget(target)).generate(prompt).output_ids
 
 
 def table_from_target(target, vocab):
@@ -46,7 +47,7 @@ def test_bigram_draft_is_lossless_and_accepts():
     drafter = BigramDrafter(table_from_target(target, 32), 32)
     for seed in range(3):
         prompt = torch.randint(0, 32, (1, 8), generator=torch.Generator().manual_seed(seed))
-        result = Engine(target, drafter, 4, GREEDY, 40, []).generate(prompt)
+        result = Engine(target, drafter, 4, GREEDY, 40, [], runner=DynamicTarget(target)).generate(prompt)
         assert result.output_ids == autoregressive(target, prompt, 40)
     assert result.stats.accepted_tokens > 0
 
@@ -84,7 +85,7 @@ def test_layer_skip_view_is_the_reduced_model_sharing_weights(cfg, kept):
     # the cached incremental drafting equals the reduced model's own greedy decoding
     drafter.reset(prompt)
     assert drafter.propose(prompt, 6).tokens.tolist() == autoregressive(ref, prompt, 6)
-    result = Engine(target, drafter, 3, GREEDY, 30, []).generate(prompt)
+    result = Engine(target, drafter, 3, GREEDY, 30, [], runner=DynamicTarget(target)).generate(prompt)
     assert result.output_ids == autoregressive(target, prompt, 30)
 
 
@@ -106,7 +107,7 @@ def test_confidence_threshold_shortens_drafts():
         d.reset(prompt)
     assert full.propose(prompt, 5).tokens.numel() == 5
     assert early.propose(prompt, 5).tokens.numel() < 5
-    result = Engine(target, ModelDrafter(target, GREEDY, confidence_threshold=0.5), 5, GREEDY, 30, []).generate(prompt)
+    result = Engine(target, ModelDrafter(target, GREEDY, confidence_threshold=0.5), 5, GREEDY, 30, [], runner=DynamicTarget(target)).generate(prompt)
     assert result.output_ids == autoregressive(target, prompt, 30)
 
 
@@ -117,7 +118,7 @@ def test_cascade_is_lossless_and_counts_levels(k_matrix):
     cascade = CascadeDrafter([mid, BigramDrafter(table_from_target(target, 32), 32)], ["mid", "bigram"], k_matrix)
     for seed in range(2):
         prompt = torch.randint(0, 32, (1, 8), generator=torch.Generator().manual_seed(seed))
-        result = Engine(target, cascade, 15, GREEDY, 50, []).generate(prompt)
+        result = Engine(target, cascade, 15, GREEDY, 50, [], runner=DynamicTarget(target)).generate(prompt)
         assert result.output_ids == autoregressive(target, prompt, 50)
     levels = cascade.counters()["levels"]
     assert [lv["draft"] for lv in levels] == ["mid", "bigram"]
@@ -132,7 +133,7 @@ def test_three_level_cascade_with_prompt_lookup_at_the_bottom():
     recycling = PromptLookupDrafter(3, 1, weak_ngram=2, weak_tokens=1, recycle_tokens=3)
     cascade = CascadeDrafter([big, small, recycling], ["big", "small", "pld"], [[3, 2, 4], [0, 3, 4], [0, 0, 4]])
     prompt = torch.randint(0, 16, (1, 20), generator=torch.Generator().manual_seed(3))
-    assert Engine(target, cascade, 9, GREEDY, 60, []).generate(prompt).output_ids == autoregressive(target, prompt, 60)
+    assert Engine(target, cascade, 9, GREEDY, 60, [], runner=DynamicTarget(target)).generate(prompt).output_ids == autoregressive(target, prompt, 60)
     assert recycling.recycled  # the cascade passes the target's logits down to its levels
 
 

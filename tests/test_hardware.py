@@ -6,13 +6,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from specsweep import hardware
+from specsweep import CONF_DIR
+from specsweep.backends import hardware
 from specsweep.errors import SpecsweepError
-from tests.conftest import REPO
 
 
 def profile(name, **overrides):
-    cfg = OmegaConf.load(REPO / "conf" / "hardware" / f"{name}.yaml")
+    cfg = OmegaConf.load(CONF_DIR / "hardware" / f"{name}.yaml")
     return OmegaConf.merge(cfg, overrides)
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from specsweep.evaluation import sandbox
-from specsweep.evaluation.humaneval import (GRACE_S, extract_completion, load_problems, score,
-                                            score_all)
+from specsweep.evaluation.humaneval import GRACE_S, extract_completion, load_problems, score, score_all
 
 REPO = Path(__file__).resolve().parents[1]
 PROBLEMS = {p["task_id"]: p for p in load_problems()}

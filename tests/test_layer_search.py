@@ -10,8 +10,7 @@ from omegaconf import OmegaConf
 
 from specsweep.drafters.layer_skip import kept_layers
 from specsweep.errors import SpecsweepError
-from specsweep.layer_search import (AgreementScorer, check_settings, early_exits, expected_speedup,
-                                    greedy_search)
+from specsweep.tools.layer_search import AgreementScorer, check_settings, early_exits, expected_speedup, greedy_search
 from tests.conftest import tiny_llama
 from tests.test_cli import specsweep
 

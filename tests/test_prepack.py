@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from specsweep.backends.hardware import resolve
+from specsweep.backends.prepack import check_supported, prepack_linears
 from specsweep.errors import SpecsweepError
-from specsweep.hardware import resolve
-from specsweep.prepack import check_supported, prepack_linears
 from tests.conftest import bf16_unsupported, tiny_llama
 
 pytestmark = pytest.mark.skipif(bool(bf16_unsupported()), reason=bf16_unsupported() or "")

@@ -1,4 +1,4 @@
-"""specsweep.replay: a chain drafter replayed over a greedy output, step by step as the engine runs it."""
+"""specsweep.tools.replay: a chain drafter replayed over a greedy output, step by step as the engine runs it."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from specsweep import replay
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 from specsweep.errors import SpecsweepError
+from specsweep.tools import replay
 
 SAMPLE = {"prompt_ids": [1, 2, 3, 4], "output_ids": [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]}
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from specsweep import report
+from specsweep.app import report
 from specsweep.errors import SpecsweepError
 from specsweep.evaluation import pass_at_1
 

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from specsweep import CONF_DIR
+
 pytestmark = pytest.mark.slurm
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-CONF = REPO / "conf"
+CONF = CONF_DIR
 APP = TESTS / "slurm_app" / "app.py"
 USABLE = {"idle", "mixed"}  # node states in which a new 1-CPU job starts right away
 

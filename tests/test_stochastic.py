@@ -12,13 +12,14 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specsweep import engine as engine_module
+from specsweep.backends.target import DynamicTarget
+from specsweep.core import engine as engine_module
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling, sample
+from specsweep.core.verify import verify_stochastic
 from specsweep.drafters.bigram import BigramDrafter, BigramTable
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
-from specsweep.engine import Engine
-from specsweep.sampling import Sampling, sample
-from specsweep.verify import verify_stochastic
 from tests.conftest import tiny_llama
 
 V = 6
@@ -85,7 +86,7 @@ def exact_law(target, prompt, positions, sampling):
 
 def engine_counts(target, make_drafter, sampling, prompt, samples):
     generator = torch.Generator().manual_seed(0)
-    eng = Engine(target, make_drafter(generator), 2, sampling, 3, [], generator)
+    eng = Engine(target, make_drafter(generator), 2, sampling, 3, [], generator, runner=DynamicTarget(target))
     counts = torch.zeros(V, V)
     for _ in range(samples):
         out = eng.generate(prompt).output_ids

@@ -7,15 +7,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from specsweep.app.run import check_tree_fits
+from specsweep.backends.hardware import resolve
+from specsweep.backends.target import DynamicTarget, GraphTarget, make_runner
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling
+from specsweep.core.tree import Tree
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
-from specsweep.engine import Engine
 from specsweep.errors import SpecsweepError
-from specsweep.hardware import resolve
-from specsweep.sampling import Sampling
-from specsweep.run import check_tree_fits
-from specsweep.target import GraphTarget, make_runner
-from specsweep.tree import Tree
 from tests.conftest import perturbed_copy, tiny_llama
 
 GREEDY = Sampling()
@@ -33,7 +33,7 @@ def test_static_cache_decodes_the_targets_own_tokens(shape, width):
         engine = Engine(target, drafter, shape, GREEDY, 40, [], runner=runner)
         for length in (10, 30):  # the longer second prompt needs a bigger cache: reallocated
             prompt = torch.randint(32, (1, length), generator=torch.Generator().manual_seed(length))
-            expected = Engine(target, None, 0, GREEDY, 40, []).generate(prompt).output_ids
+            expected = Engine(target, None, 0, GREEDY, 40, [], runner=DynamicTarget(target)).generate(prompt).output_ids
             hf = target.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=40,
                                  min_new_tokens=0, pad_token_id=0)[0, length:].tolist()
             result = engine.generate(prompt)
@@ -53,7 +53,7 @@ def test_compiled_forwards_decode_the_targets_own_tokens():
         engine = Engine(target, PromptLookupDrafter(3, 1), shape, GREEDY, 40, [], runner=runner)
         for length in (10, 30):
             prompt = torch.randint(32, (1, length), generator=torch.Generator().manual_seed(length))
-            expected = Engine(target, None, 0, GREEDY, 40, []).generate(prompt).output_ids
+            expected = Engine(target, None, 0, GREEDY, 40, [], runner=DynamicTarget(target)).generate(prompt).output_ids
             result = engine.generate(prompt)
             assert result.output_ids == expected
             assert result.stats.accepted_tokens > 0

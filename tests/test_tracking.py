@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
+from specsweep import CONF_DIR
+from specsweep.app.tracking import NullTracker, WandbTracker, flat_numbers, make_tracker
 from specsweep.errors import SpecsweepError
-from specsweep.tracking import NullTracker, WandbTracker, flat_numbers, make_tracker
-from tests.conftest import REPO
 
 CHOICES = {"target": "smollm2-135m", "draft": "layer-skip", "tree": "chain", "dataset": "humaneval",
            "hardware": "cpu", "logger": "wandb"}
@@ -34,7 +34,7 @@ METRICS = {"tokens_per_s": 20.0, "acceptance_rate": 7 / 12, "acceptance_length":
 
 
 def wandb_cfg(**overrides):
-    return OmegaConf.merge(OmegaConf.load(REPO / "conf" / "logger" / "wandb.yaml"), overrides)
+    return OmegaConf.merge(OmegaConf.load(CONF_DIR / "logger" / "wandb.yaml"), overrides)
 
 
 def read_records(path: Path) -> list:
@@ -220,7 +220,7 @@ def tracked_job(tracker, run_dir: Path, fail_job=False):
 def test_failing_wandb_only_warns_and_the_results_are_written(tmp_path, caplog, fail):
     backend = Recorder(fail)
     tracker = WandbTracker(wandb_cfg(), RESOLVED, CHOICES, tmp_path, None, backend=backend)
-    with caplog.at_level(logging.WARNING, logger="specsweep.tracking"):
+    with caplog.at_level(logging.WARNING, logger="specsweep.app.tracking"):
         tracked_job(tracker, tmp_path)
     assert (tmp_path / "metrics.json").is_file()
     assert any("W&B:" in r.message and "is broken" in r.message for r in caplog.records)

@@ -1,15 +1,15 @@
 """Tree shapes, paths, masks and position ids, checked against hand derivations from the definition."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from specsweep.tree import MEDUSA_TREE_FILE, DynamicTreeSpec, Tree, TreeError
+from specsweep import CONF_DIR
+from specsweep.core.tree import MEDUSA_TREE_FILE, DynamicTreeSpec, Tree, TreeError
 
-CONF_TREE = Path(__file__).resolve().parents[1] / "conf" / "tree"
+CONF_TREE = CONF_DIR / "tree"
 MEDUSA_PATHS = OmegaConf.to_container(OmegaConf.load(MEDUSA_TREE_FILE).paths)
 
 #        root

@@ -7,16 +7,16 @@ import torch
 from scipy.stats import chisquare
 from transformers import DynamicCache
 
-from specsweep.cache import compact
-from specsweep.drafters.base import Draft, Drafter
+from specsweep.backends.cache import compact
+from specsweep.backends.target import DynamicTarget
+from specsweep.core.draft import Draft, Drafter
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling, sample
+from specsweep.core.tree import DynamicTreeSpec, Tree
+from specsweep.core.verify import verify_greedy, verify_tree_greedy, verify_tree_stochastic
 from specsweep.drafters.bigram import BigramDrafter, count_bigrams
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
-from specsweep.engine import Engine
-from specsweep.sampling import Sampling, sample
-from specsweep.target import DynamicTarget
-from specsweep.tree import DynamicTreeSpec, Tree
-from specsweep.verify import verify_greedy, verify_tree_greedy, verify_tree_stochastic
 from tests.conftest import perturbed_copy, tiny_llama
 
 GREEDY = Sampling()
@@ -31,7 +31,7 @@ SHAPES = {
 
 
 def autoregressive(target, prompt, limit):
-    return Engine(target, None, 0, GREEDY, limit, []).generate(prompt).output_ids
+    return Engine(target, None, 0, GREEDY, limit, [], runner=DynamicTarget(target)).generate(prompt).output_ids
 
 
 def prompt_for(seed, vocab, length=10):
@@ -44,7 +44,7 @@ def test_model_draft_trees_are_lossless(shape):
     drafter = ModelDrafter(perturbed_copy(target, 0.5, 31), GREEDY)
     for seed in range(2):
         prompt = prompt_for(seed, 48)
-        result = Engine(target, drafter, shape, GREEDY, 40, []).generate(prompt)
+        result = Engine(target, drafter, shape, GREEDY, 40, [], runner=DynamicTarget(target)).generate(prompt)
         assert result.output_ids == autoregressive(target, prompt, 40)
     assert 0 < result.stats.accepted_tokens < result.stats.draft_tokens
 
@@ -56,7 +56,7 @@ def test_table_draft_trees_are_lossless(shape):
     prompt = prompt_for(4, 24, length=30)
     expected = autoregressive(target, prompt, 50)
     for drafter in (BigramDrafter(table, 24), PromptLookupDrafter(3, 1)):
-        result = Engine(target, drafter, shape, GREEDY, 50, []).generate(prompt)
+        result = Engine(target, drafter, shape, GREEDY, 50, [], runner=DynamicTarget(target)).generate(prompt)
         assert result.output_ids == expected
         assert result.stats.accepted_tokens > 0
 
@@ -67,7 +67,7 @@ def test_eager_attention_agrees_with_sdpa_on_trees():
     eager.config._attn_implementation = "eager"
     drafter = ModelDrafter(perturbed_copy(target, 0.5, 34), GREEDY)
     prompt = prompt_for(5, 48)
-    assert (Engine(eager, drafter, MEDUSA_LIKE, GREEDY, 30, []).generate(prompt).output_ids
+    assert (Engine(eager, drafter, MEDUSA_LIKE, GREEDY, 30, [], runner=DynamicTarget(eager)).generate(prompt).output_ids
             == autoregressive(target, prompt, 30))
 
 
@@ -90,9 +90,9 @@ def test_a_one_chain_tree_gives_exactly_the_chain_results():
     target = tiny_llama(35, vocab=48, init=0.5)
     draft_model = perturbed_copy(target, 0.2, 36)
     prompt = prompt_for(6, 48)
-    chain = Engine(target, ModelDrafter(draft_model, GREEDY), 4, GREEDY, 40, []).generate(prompt)
+    chain = Engine(target, ModelDrafter(draft_model, GREEDY), 4, GREEDY, 40, [], runner=DynamicTarget(target)).generate(prompt)
     four_deep = Tree.from_paths([[0], [1], [0, 0], [0, 0, 0], [0, 0, 0, 0]])  # not a chain: the tree path runs
-    tree = Engine(target, ChainAsTree(ModelDrafter(draft_model, GREEDY)), four_deep, GREEDY, 40, []).generate(prompt)
+    tree = Engine(target, ChainAsTree(ModelDrafter(draft_model, GREEDY)), four_deep, GREEDY, 40, [], runner=DynamicTarget(target)).generate(prompt)
     assert tree.output_ids == chain.output_ids
     assert (tree.stats.draft_tokens, tree.stats.accepted_tokens, tree.stats.accepted_per_step) == (
         chain.stats.draft_tokens, chain.stats.accepted_tokens, chain.stats.accepted_per_step)
@@ -164,7 +164,7 @@ def test_engine_tree_sampling_matches_the_target():
     prompt = torch.tensor([[1, 4, 2, 5]])
     expected = exact_law(target, prompt, 3, sampling)
     generator = torch.Generator().manual_seed(0)
-    engine = Engine(target, ModelDrafter(draft, sampling, generator), Tree.kary(2, 2), sampling, 3, [], generator)
+    engine = Engine(target, ModelDrafter(draft, sampling, generator), Tree.kary(2, 2), sampling, 3, [], generator, runner=DynamicTarget(target))
     counts = torch.zeros(V, V)
     for _ in range(1200):
         out = engine.generate(prompt).output_ids

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from specsweep.drafters.base import Draft, Drafter
+from specsweep.backends.hardware import Hardware
+from specsweep.core.draft import Draft, Drafter
+from specsweep.core.sampling import Sampling
+from specsweep.core.tree import DynamicTreeSpec, Tree
 from specsweep.errors import SpecsweepError
-from specsweep.hardware import Hardware
-from specsweep.sampling import Sampling
-from specsweep.tree import DynamicTreeSpec, Tree
 
 KINDS = ("none", "prompt_lookup", "model", "bigram", "layer_skip", "cascade")
 FIXED_TREE_KINDS = ("none", "prompt_lookup", "model", "bigram", "layer_skip")
@@ -27,7 +28,7 @@ class BuildContext:
     sampling: Sampling
     generator: torch.Generator
     hardware: Hardware
-    model_dirs: dict[str, Path]  # config setting (e.g. "draft.path") -> resolved local dir
+    load_model: Callable[[str], torch.nn.Module]  # config setting (e.g. "draft.path") -> the loaded draft model
     cache_dir: Path
 
 
@@ -85,11 +86,8 @@ def _build(cfg, ctx: BuildContext, prefix: str) -> Drafter | None:
                                    cfg.get("recycle_context", 1), store, cfg.get("datastore_tokens", 15))
     if cfg.kind == "model":
         from specsweep.drafters.model import ModelDrafter
-        from specsweep.models import check_same_tokenizer, load_model, load_tokenizer
 
-        model_dir = ctx.model_dirs[f"{prefix}.path"]
-        check_same_tokenizer(ctx.tokenizer, load_tokenizer(model_dir), f"{prefix}.path={cfg.path}")
-        model = load_model(model_dir, ctx.hardware)
+        model = ctx.load_model(f"{prefix}.path")
         return ModelDrafter(model, ctx.sampling, ctx.generator, cfg.get("confidence_threshold"),
                             bool_masks=ctx.hardware.bool_masks)
     if cfg.kind == "bigram":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from specsweep.drafters.base import Draft, Drafter, fill_tree
+from specsweep.core.draft import Draft, Drafter, fill_tree
 from specsweep.errors import SpecsweepError
 
 TOP_K = 8

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from specsweep.drafters.base import Draft, Drafter
+from specsweep.core.draft import Draft, Drafter
 from specsweep.drafters.model import ModelDrafter
 from specsweep.errors import SpecsweepError
 

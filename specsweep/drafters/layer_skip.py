@@ -12,9 +12,9 @@ import copy
 import torch
 from transformers import DynamicCache
 
+from specsweep.core.sampling import Sampling
 from specsweep.drafters.model import ModelDrafter
 from specsweep.errors import SpecsweepError
-from specsweep.sampling import Sampling
 
 
 def kept_layers(num_layers: int, exit_layer: int | None = None, skip_layers=None) -> list[int]:

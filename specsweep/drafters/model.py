@@ -7,11 +7,11 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from specsweep.cache import compact, truncate
-from specsweep.drafters.base import Draft, Drafter
-from specsweep.sampling import Sampling, greedy_tokens, sample
-from specsweep.tree import DynamicTreeSpec, Tree, attention_mask_4d
-from specsweep.verify import verify_greedy
+from specsweep.backends.cache import compact, truncate
+from specsweep.core.draft import Draft, Drafter
+from specsweep.core.sampling import Sampling, greedy_tokens, sample
+from specsweep.core.tree import DynamicTreeSpec, Tree, attention_mask_4d
+from specsweep.core.verify import verify_greedy
 
 
 class ModelDrafter(Drafter):

@@ -27,7 +27,7 @@ without a strong match first continues the text's end from the datastore, up to 
 tokens (None: the step's full depth), and the recycling table starts with the datastore's recorded
 choices.
 
-Each draft names its kind (`Draft.kind`) for `draft.length_policy: cost` (`specsweep.draft_length`),
+Each draft names its kind (`Draft.kind`) for `draft.length_policy: cost` (`specsweep.core.draft_length`),
 which cuts each chain to the length its kind's acceptance and the verify cost pay for:
 ``long_match:<n>`` and ``short_match:<n>`` (a match of n tokens; a short one extended by recycling
 where that is on), ``datastore`` or ``recycling`` (no match: the recorded choices alone). The match
@@ -40,10 +40,10 @@ from __future__ import annotations
 
 import torch
 
-from specsweep.drafters.base import Draft, Drafter, fill_tree
+from specsweep.core.draft import Draft, Drafter, fill_tree
+from specsweep.core.sampling import greedy_tokens
+from specsweep.core.tree import Tree
 from specsweep.drafters.datastore import Datastore
-from specsweep.sampling import greedy_tokens
-from specsweep.tree import Tree
 
 SUCCESSORS_KEPT = 4  # distinct next tokens remembered per n-gram, for tree drafts
 

@@ -1,0 +1,190 @@
+"""The decode job: config -> models -> engine -> per-sample records -> results files.
+
+Everything that can be checked cheaply (options, paths, tree, decode settings, tokenizers) is checked
+before a model is loaded or a token generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from specsweep.app import datasets, models
+from specsweep.app.results import METRICS, SAMPLES, environment, lock_hash, machine_fingerprint, write_json, write_jsonl
+from specsweep.app.tracking import make_tracker
+from specsweep.backends import exactness, hardware
+from specsweep.backends.prepack import row_blocks
+from specsweep.backends.target import make_runner
+from specsweep.core.draft_length import POLICIES, LengthPolicy, VerifyCosts
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling
+from specsweep.core.stats import summarize
+from specsweep.core.tree import DynamicTreeSpec, Tree
+from specsweep.drafters import BuildContext, build_drafter, check_tree_support, model_paths
+from specsweep.errors import SpecsweepError
+from specsweep.evaluation import pass_at_1
+
+log = logging.getLogger(__name__)
+
+
+def decoding_settings(cfg: DictConfig) -> tuple[Sampling, Tree | DynamicTreeSpec]:
+    """Validated sampling settings and the draft shape of every step."""
+    try:
+        sampling = Sampling(float(cfg.decode.temperature), int(cfg.decode.top_k), float(cfg.decode.top_p))
+        shape = Tree.from_config(cfg.tree)
+    except ValueError as err:
+        raise SpecsweepError(str(err)) from None
+    if cfg.decode.max_new_tokens < 1:
+        raise SpecsweepError(f"decode.max_new_tokens must be >= 1, got {cfg.decode.max_new_tokens}")
+    check_tree_support(cfg.draft, shape)
+    policy = cfg.draft.get("length_policy", "fixed")
+    if policy not in POLICIES:
+        raise SpecsweepError(f"draft.length_policy={policy}: choose one of {', '.join(POLICIES)}")
+    if policy == "cost" and not (isinstance(shape, Tree) and shape.is_chain):
+        raise SpecsweepError("draft.length_policy=cost cuts chains: use tree=chain (tree.depth is the longest draft)")
+    return sampling, shape
+
+
+def shape_record(shape: Tree | DynamicTreeSpec) -> dict:
+    """The draft shape in metrics.json: node budget and depth (what seed 001 plots against)."""
+    if isinstance(shape, DynamicTreeSpec):
+        return {"tree_nodes": shape.budget, "tree_depth": shape.depth}
+    return {"tree_nodes": shape.num_nodes, "tree_depth": shape.depth}
+
+
+def resolve_model_dirs(cfg: DictConfig) -> dict[str, Path]:
+    """Local dirs of the target and of every model the draft needs, checked before anything loads."""
+    paths = {"target.path": cfg.target.path, **model_paths(cfg.draft)}
+    return {k: models.resolve_model_dir(v, k, cfg.cache_dir, cfg.download) for k, v in paths.items()}
+
+
+def check_tree_fits(hw: hardware.Hardware, shape: Tree | DynamicTreeSpec) -> None:
+    nodes = shape.budget if isinstance(shape, DynamicTreeSpec) else shape.num_nodes
+    hw.check_verify_size(nodes + 1, "tree")  # a verify forward holds the root and every node
+
+
+def load_draft_model(cfg: DictConfig, model_dirs: dict[str, Path], target_tokenizer, hw: hardware.Hardware,
+                     setting: str):
+    """The draft model at ``setting`` (e.g. draft.path), refused unless it shares the target's tokenizer."""
+    models.check_same_tokenizer(target_tokenizer, models.load_tokenizer(model_dirs[setting]),
+                                f"{setting}={OmegaConf.select(cfg, setting)}")
+    return models.load_model(model_dirs[setting], hw)
+
+
+def build_engine(cfg: DictConfig, target, tokenizer, hw: hardware.Hardware, model_dirs: dict[str, Path],
+                 sampling: Sampling, shape: Tree | DynamicTreeSpec) -> Engine:
+    """The drafter of ``cfg.draft`` and the engine around it; drafter and engine share one generator."""
+    generator = torch.Generator(device=hw.device)
+    load = partial(load_draft_model, cfg, model_dirs, tokenizer, hw)
+    ctx = BuildContext(target, tokenizer, sampling, generator, hw, load, Path(cfg.cache_dir))
+    return Engine(target, build_drafter(cfg.draft, ctx), shape, sampling, cfg.decode.max_new_tokens,
+                  models.eos_token_ids(target, tokenizer), generator, runner=make_runner(target, hw),
+                  length_policy=length_policy(cfg, hw, shape))
+
+
+def cost_key(target: str, hw: hardware.Hardware) -> dict:
+    """What a verify-cost curve depends on: the machine, the locked environment, the target and the
+    hardware profile as resolved (dtype, attention, runner, threads)."""
+    return {"machine": machine_fingerprint(), "lock": lock_hash(), "target": str(target), "hardware": hw.describe()}
+
+
+def cost_path(cache_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "costs" / f"{digest}.json"
+
+
+def length_policy(cfg: DictConfig, hw: hardware.Hardware, shape: Tree | DynamicTreeSpec) -> LengthPolicy | None:
+    """`draft.length_policy: cost`: the policy, its verify-cost curve cached in cache_dir/costs/ for
+    this machine, lock, target and hardware profile (None for `fixed`)."""
+    if cfg.draft.get("length_policy", "fixed") != "cost":
+        return None
+    key = cost_key(cfg.target.path, hw)
+    return LengthPolicy(VerifyCosts(shape.num_nodes + 1, cost_path(Path(cfg.cache_dir), key), key))
+
+
+def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None = None) -> dict:
+    sampling, shape = decoding_settings(cfg)
+    evaluate = pass_at_1.enabled(cfg.evaluate, cfg.dataset.name)
+    prompts = datasets.load_prompts(cfg.dataset)
+    hw = hardware.resolve(cfg.hardware)
+    check_tree_fits(hw, shape)
+    model_dirs = resolve_model_dirs(cfg)
+
+    tokenizer = models.load_tokenizer(model_dirs["target.path"])
+    encoded = [datasets.encode_prompt(tokenizer, r, cfg.dataset.prompt_format) for r in prompts]
+    target = models.load_model(model_dirs["target.path"], hw)
+    engine = build_engine(cfg, target, tokenizer, hw, model_dirs, sampling, shape)
+    generator, drafter = engine.generator, engine.drafter
+    probe = exactness.ensure_exact(engine.runner, target, hw, shape if drafter else None, Path(cfg.cache_dir),
+                                   lock_hash())
+    if drafter is not None:
+        drafter.prepare(encoded)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    header = {**shape_record(shape), "config": resolved, "choices": choices, "hardware": hw.describe(),
+              "row_blocks": row_blocks(target), "exactness": probe, **environment()}
+    samples, stats = [], []
+    with make_tracker(cfg.logger, resolved, choices, run_dir, group) as tracker, _progress() as progress:
+        task = progress.add_task("decoding", total=len(prompts), rate="")
+        for index, (record, prompt_ids) in enumerate(zip(prompts, encoded)):
+            generator.manual_seed(cfg.seed + index)  # each sample reproducible on its own
+            ids = torch.tensor([prompt_ids], dtype=torch.long, device=hw.device)
+            result = engine.generate(ids)
+            stats.append(result.stats)
+            samples.append({
+                "task_id": record["task_id"],
+                "prompt_ids": prompt_ids,
+                "output_ids": result.output_ids,
+                "text": tokenizer.decode(result.output_ids, skip_special_tokens=True),
+                **vars(result.stats),
+                # draft=none runs: the target's top-2 logit margins, the reference of the sweep's audit
+                **({"margins": result.margins, "top_logits": result.top_logits} if result.margins is not None else {}),
+            })
+            write_jsonl(run_dir / SAMPLES, samples)  # rewritten whole, atomically: never half a file
+            tracker.log_sample(index, samples[-1])
+            progress.update(task, advance=1, rate=f"{summarize(stats)['tokens_per_s']:.1f} tok/s")
+
+        metrics = {**summarize(stats), "draft_counters": drafter.counters() if drafter else {}, **header}
+        if engine.length_policy is not None:  # the curve used, the lengths chosen; the refined curve cached
+            metrics["draft_length"] = engine.length_policy.record()
+            engine.length_policy.costs.save()
+        if evaluate:  # after decoding: scoring is outside every timer
+            fields, metrics["evaluation"] = pass_at_1.score_samples(samples, prompts, cfg.evaluation,
+                                                                    cfg.dataset.prompt_format)
+            metrics["pass_at_1"] = metrics["evaluation"]["pass_at_1"]
+            for sample, scored in zip(samples, fields):
+                sample.update(scored)
+            write_jsonl(run_dir / SAMPLES, samples)
+        metrics["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_json(run_dir / METRICS, metrics)
+        tracker.finish(metrics, samples)
+    Console().print(metrics_table(metrics, choices))
+    return metrics
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+
+
+def metrics_table(metrics: dict, choices: dict) -> Table:
+    title = " ".join(f"{k}={v}" for k, v in choices.items())
+    table = Table("metric", "value", title=title)
+    for key in ("samples", "new_tokens", "tokens_per_s", "acceptance_rate", "acceptance_length",
+                "tokens_per_target_forward", "draft_tokens", "accepted_tokens", "wall_s", "draft_s", "verify_s",
+                "pass_at_1"):
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        table.add_row(key, "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
+    return table

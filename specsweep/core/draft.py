@@ -1,0 +1,90 @@
+"""The drafter interface: propose a chain or fill a draft tree, hear how many the target kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from specsweep.core.tree import DynamicTreeSpec, Tree
+from specsweep.errors import SpecsweepError
+
+
+@dataclass
+class Draft:
+    """Proposed continuation of the committed sequence: a chain, or a tree when ``tree`` is set."""
+
+    tokens: torch.Tensor  # [n] long, n may be 0 (nothing to propose: the step decodes one token)
+    probs: torch.Tensor | None = None  # chains only: [n, V] distributions the tokens were sampled from
+    tree: Tree | None = None  # the drafted tree (node i holds tokens[i]); None = a chain
+    # what produced it (e.g. prompt lookup's "long_match"): the cost length policy estimates
+    # acceptance per kind (specsweep/core/draft_length.py); None = the drafter's only kind
+    kind: str | None = None
+
+
+class Drafter:
+    """One draft source. The engine owns the loop; a drafter only proposes and listens.
+
+    A run first calls ``prepare(prompts)``. Per prompt the engine calls ``reset(prompt_ids)``, then
+    repeatedly ``propose(ids, k)`` (chains) or ``propose_tree(ids, shape)`` (trees),
+    ``on_verified(accepted)`` and ``on_scored``. ``ids`` [1, L] is every committed token (prompt +
+    output so far); its last token is the root the draft continues. After ``on_verified`` the
+    committed sequence grows by the accepted draft tokens plus the target's own next token.
+    """
+
+    #: True when the draft returns the distributions it sampled from (needed for stochastic verification
+    #: to use min(1, p/q); deterministic drafts are treated as one-hot q)
+    samples = False
+
+    def prepare(self, prompts: list[list[int]]) -> None:
+        """Every prompt of the run, before the first is decoded."""
+
+    def reset(self, prompt_ids: torch.Tensor) -> None:
+        pass
+
+    def propose(self, ids: torch.Tensor, max_tokens: int) -> Draft:
+        raise NotImplementedError
+
+    def propose_tree(self, ids: torch.Tensor, shape: Tree | DynamicTreeSpec) -> Draft:
+        raise SpecsweepError(f"{type(self).__name__} drafts chains only: use tree=chain")
+
+    def on_verified(self, accepted: int) -> None:
+        pass
+
+    def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        """The target's logits [m, V] after each of ``inputs`` [m]: the root and the accepted draft
+        tokens of the step just verified (their contexts were all the target's own tokens)."""
+
+    def counters(self) -> dict:
+        """Draft-specific counters for metrics.json (e.g. per-level acceptance of a cascade)."""
+        return {}
+
+
+def fill_tree(tree: Tree, candidates: Callable[[list[int], int], list[int]], device: torch.device) -> Draft:
+    """Fill a fixed tree shape from ranked next-token candidates (bigram, prompt lookup).
+
+    ``candidates(path, k)`` ranks up to k next tokens after the committed sequence followed by the
+    draft tokens ``path`` (root's child down to the node; empty at the root). A node whose rank has no
+    candidate is dropped with its subtree, so the drafted tree is a sub-tree of the shape.
+    """
+    if not isinstance(tree, Tree):
+        raise SpecsweepError("tree=dynamic grows trees by draft probability: use a model draft, or a fixed tree")
+    kept: dict[int, int] = {}  # shape node -> drafted node
+    parents, ranks, tokens, paths = [], [], [], {-1: []}
+    for node in range(-1, tree.num_nodes):
+        children = tree.children(node)
+        if not children or node not in paths:
+            continue
+        ranked = candidates(paths[node], max(tree.ranks[c] for c in children) + 1)
+        for child in children:
+            rank = tree.ranks[child]
+            if rank < len(ranked):
+                kept[child] = len(tokens)
+                parents.append(-1 if node < 0 else kept[node])
+                ranks.append(rank)
+                tokens.append(ranked[rank])
+                paths[child] = paths[node] + [ranked[rank]]
+    if not tokens:
+        return Draft(torch.empty(0, dtype=torch.long, device=device))
+    return Draft(torch.tensor(tokens, dtype=torch.long, device=device), tree=Tree(tuple(parents), tuple(ranks)))
