@@ -88,9 +88,11 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> Path:
 def summary_table(rows: list[dict]) -> Table:
     choice_keys = [k for k in ("target", "draft", "tree", "dataset", "decode", "hardware")
                    if len({r.get(k) for r in rows}) > 1] or ["draft"]
-    table = Table(*choice_keys, "status", *COLUMNS[:5], "lossless", title="sweep summary")
+    shown = ("tokens_per_s", "speedup", "acceptance_rate", "acceptance_length", "pass_at_1")
+    table = Table(*choice_keys, "status", *shown, "lossless", title="sweep summary")
     for row in rows:
-        cells = [_fmt(row.get(k)) for k in COLUMNS[:5]] if row["status"] == "ok" else [row.get("error", "")[:60]] + [""] * 4
+        cells = ([_fmt(row.get(k)) for k in shown] if row["status"] == "ok"
+                 else [row.get("error", "")[:60]] + [""] * (len(shown) - 1))
         table.add_row(*[str(row.get(k, "")) for k in choice_keys], row["status"], *cells, _lossless(row))
     return table
 
@@ -119,7 +121,8 @@ class SweepSummary(Callback):
         path = write_summary(sweep_dir, rows)
         console = Console()
         console.print(summary_table(rows))
-        console.print(f"summary: {path}")
+        console.print(f"summary: {path}; each job's metrics.json and samples.jsonl: {sweep_dir}/<job>/; "
+                      f"a report with plots: python -m specsweep report {sweep_dir}")
         failed_jobs[:] = [r["job"] for r in rows if r["status"] != "ok"]
         for row in rows:
             if row["status"] != "ok":
