@@ -26,6 +26,7 @@ from specsweep.core.sampling import Sampling
 from specsweep.core.tree import Tree
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
 from specsweep.errors import SpecsweepError
+from tests.conftest import bf16_unsupported
 
 GREEDY = Sampling()
 
@@ -112,6 +113,7 @@ def test_a_static_cache_keeps_bf16_trees_exact(bf16):
         assert Engine(model, drafter, shape, GREEDY, 48, eos, runner=runner).generate(ids).output_ids == expected, f"{shape}"
 
 
+@pytest.mark.skipif(bool(bf16_unsupported()), reason=bf16_unsupported() or "")
 def test_cpu_bf16_refuses_trees_beyond_its_exact_size():
     hw = hardware.resolve(OmegaConf.load(CONF_DIR / "hardware" / "cpu-bf16.yaml"))
     check_tree_fits(hw, Tree.chain(31))  # root + 31 = 32 tokens: fine
