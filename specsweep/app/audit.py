@@ -2,7 +2,7 @@
 
 Greedy speculative decoding must give the target's greedy output token for token (README,
 Definitions). A verify forward scores several rows at once, and on many kernels a row's logits then
-differ from the one-row step's in the last bits (DESIGN.md: bf16 down_proj, fp32 linears), so where
+differ from the one-row step's in the last bits (docs/exactness.md: bf16 down_proj without AMX, fp32 linears), so where
 the target's two best tokens are as good as tied the argmax may flip without any bug. The audit
 tells the two apart per sample (matched by task id): at the first differing position it reads the
 reference run's margin there (top-1 minus top-2 logit, recorded by the autoregressive engine path

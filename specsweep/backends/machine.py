@@ -1,7 +1,7 @@
 """The machine a result came from, and a fingerprint of what decides its kernels.
 
 Machines of one kind differ in CPU (Intel with AMX, AMD Zen 5 with avx512_bf16 and no AMX), and bf16
-rounding, exactness and verify-cost curves differ with them (DESIGN.md). ``machine_info()`` records
+rounding, exactness and verify-cost curves differ with them (docs/performance.md). ``machine_info()`` records
 the CPU model and vendor, the ISA flags that decide oneDNN's and ATen's kernels, ``ONEDNN_MAX_CPU_ISA``
 (which caps them), torch's version and threads, and a GPU or NPU where there is one.
 ``machine_fingerprint()`` hashes the part that decides kernels: a cache key, with the lock hash, for

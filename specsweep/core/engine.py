@@ -22,7 +22,7 @@ from specsweep.core.verify import verify_greedy, verify_stochastic, verify_tree_
 
 @dataclass
 class SampleStats:
-    """Counters of one generation (definitions in README / DESIGN.md)."""
+    """Counters of one generation (definitions in the README)."""
 
     new_tokens: int = 0
     draft_tokens: int = 0

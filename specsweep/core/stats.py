@@ -1,4 +1,4 @@
-"""Run-level metrics from per-sample counters, exactly as README / DESIGN.md define them."""
+"""Run-level metrics from per-sample counters, exactly as the README defines them."""
 
 from __future__ import annotations
 
