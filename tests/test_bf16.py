@@ -58,11 +58,11 @@ def test_chain_rows_have_the_bits_of_one_token_steps(bf16, prefix_len):
                          ids=["binary", "two-branches", "three-branches"])
 @torch.inference_mode()
 def test_tree_rows_have_the_bits_of_decoding_their_path(bf16, tree, by):
-    from specsweep.backends.row_invariant import _gather_plan
+    from specsweep.backends.row_invariant import plan_for
 
     model, _ = bf16
     prefix_len = 120
-    by_chain = [chain_mask is not None for _, _, chain_mask, _ in _gather_plan(tree.verify_mask(prefix_len, torch.bfloat16), 3)[1]]
+    by_chain = [chain_mask is not None for _, _, chain_mask, _ in plan_for(tree.verify_mask(prefix_len, torch.bfloat16), 3).groups]
     assert by_chain and set(by_chain) == {by == "chain"}
     cache = prefilled(model, prefix_len, seed=3)
     tokens = torch.randint(1000, (1, tree.num_nodes + 1), generator=torch.Generator().manual_seed(4))
@@ -99,8 +99,8 @@ def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
 
 
 def test_a_static_cache_keeps_bf16_trees_exact(bf16):
-    """`hardware.verify_width` runs the static-cache target; row_invariant attention keeps its
-    analysis of a tree mask per mask object, so no two forwards may share one."""
+    """`hardware.verify_width` runs the static-cache target: one static mask per row count, refilled
+    every forward, whose plan (row_invariant attention's analysis of it) travels with each forward."""
     from specsweep.backends.target import GraphTarget
 
     model, tokenizer = bf16

@@ -53,3 +53,12 @@ def test_the_config_tree_ships_inside_the_package():
     from specsweep import CONF_DIR
 
     assert CONF_DIR.parent == PACKAGE and (CONF_DIR / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("layer", ["core", "backends"])
+def test_the_decode_path_keeps_no_state_in_modules(layer):
+    """What a forward needs travels with it (e.g. row_invariant attention's plan of the mask): no
+    module of the decoding core or the backends rebinds a module-level name."""
+    for path in sorted((PACKAGE / layer).rglob("*.py")):
+        rebinding = [node.lineno for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Global)]
+        assert not rebinding, f"{path.relative_to(PACKAGE)}: `global` at line(s) {rebinding}"

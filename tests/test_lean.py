@@ -67,6 +67,60 @@ def test_lean_forward_has_the_hf_bits_on_a_tiny_llama(prepacked):
 
 
 @torch.inference_mode()
+def test_row_invariant_plans_travel_with_each_forward(monkeypatch):
+    """The runners work out row_invariant attention's plan once per forward, where they build the
+    mask, and hand it down with the forward (no state kept between forwards); a caller without one
+    (plain transformers) gets it worked out by every layer: the same bits either way."""
+    from specsweep.backends import lean, target
+    from specsweep.backends.target import GraphTarget
+
+    row_invariant.register()
+    model = tiny_llama(4, layers=3).to(torch.bfloat16)
+    model.set_attn_implementation("row_invariant")
+    calls = []
+
+    def counted(mask, heads, plan_for=row_invariant.plan_for):
+        calls.append(heads)
+        return plan_for(mask, heads)
+
+    for module in (row_invariant, lean):
+        monkeypatch.setattr(module, "plan_for", counted)
+    ids = torch.randint(96, (1, 50), generator=torch.Generator().manual_seed(5))
+    tree, start = TREES[1], 30
+    tokens, chain = ids[:, start:start + tree.num_nodes + 1], ids[:, start:start + 5]
+    reference = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :start], past_key_values=reference)
+    calls.clear()
+    expected = model(input_ids=tokens, past_key_values=reference, attention_mask=tree.verify_mask(start, model.dtype),
+                     position_ids=tree.verify_position_ids(start)).logits[0]
+    assert calls == [2] * 3  # no plan given: one per layer
+    reference.crop(-(tree.num_nodes + 1))
+    expected_chain = model(input_ids=chain, past_key_values=reference).logits[0]
+
+    def forwards(runner):
+        runner.prefill(ids[:, :start], 20)
+        calls.clear()
+        rows = runner.score(tokens, tree, start)
+        runner.keep(start, [])
+        return rows, runner.score(chain, None, start), len(calls)
+
+    for runner in (DynamicTarget(model), LeanTarget(model)):
+        rows, chain_rows, planned = forwards(runner)
+        assert torch.equal(rows, expected) and torch.equal(chain_rows, expected_chain), type(runner).__name__
+        assert planned == 1  # the tree's mask, once; the chain's causal plan needs no mask
+    rows, chain_rows, planned = forwards(GraphTarget(model, capture=False, width=16))
+    assert planned == 2  # padded rows: both forwards' masks have gap rows
+    monkeypatch.setattr(target, "plan_kwargs", lambda *args, **kwargs: {})
+    unplanned = forwards(GraphTarget(model, capture=False, width=16))
+    assert torch.equal(rows, unplanned[0]) and torch.equal(chain_rows, unplanned[1]) and unplanned[2] == 2 * 3
+    reference.crop(-chain.shape[1])
+    wrong = row_invariant.plan_for(tree.verify_mask(start, model.dtype), 3)  # for 3 KV heads, not 2
+    with pytest.raises(ValueError, match="a row_invariant plan for 3 heads"):
+        model(input_ids=tokens, past_key_values=reference, attention_mask=tree.verify_mask(start, model.dtype),
+              position_ids=tree.verify_position_ids(start), row_invariant_plan=wrong)
+
+
+@torch.inference_mode()
 def test_lean_forward_has_the_hf_bits_on_the_embedded_target(bf16):
     model, _ = bf16
     ids = torch.randint(5000, (1, 332), generator=torch.Generator().manual_seed(2))

@@ -31,6 +31,8 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from specsweep.backends.cache import move_entries
 from specsweep.backends.prepack import pack_weight, packed_linear, row_block_for
+from specsweep.backends.row_invariant import PLAN_KEYWORD, causal_plan, plan_for
+from specsweep.core.tree import Tree, after_cache, attention_mask_4d, causal_block
 from specsweep.errors import SpecsweepError
 
 BUCKET = 64  # cache positions per allocation (see BucketCache)
@@ -101,17 +103,16 @@ class LeanLlama:
         self.intermediate = config.intermediate_size
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree: Tree | None,
                  cache: BucketCache) -> torch.Tensor:
-        """input_ids, position_ids [1, n]; ``mask``: additive [1, 1, n, cached + n], or None for a
-        chain (causal). Appends the n tokens' KV to ``cache`` -> logits [n, V]."""
+        """input_ids, position_ids [1, n]: root + draft, ``tree`` its shape (None: a chain, causal).
+        Appends the n tokens' KV to ``cache`` -> logits [n, V]."""
         n, d, cached = input_ids.shape[1], self.head_dim, cache.length
         cache.reserve(cached + n)
-        hidden = torch.finfo(self.model.dtype).min  # the keys past cached + n are stale slots: always hidden
-        if mask is None:  # causal over the new tokens, a fresh tensor per forward (see backends.row_invariant)
-            mask = torch.full((1, 1, n, cache.capacity), hidden, dtype=self.model.dtype).triu_(cached + 1)
-        else:
-            mask = nn.functional.pad(mask, (0, cache.capacity - mask.shape[-1]), value=hidden)
+        # the cache, then root + draft as `tree` has them; the keys past cached + n are stale slots: hidden
+        block = causal_block(n) if tree is None else tree.verify_block()
+        mask = attention_mask_4d(after_cache(block, cached, cache.capacity), self.model.dtype, input_ids.device)
+        plan = {PLAN_KEYWORD: causal_plan(cached) if tree is None else plan_for(mask, self.kv_heads)}  # once per forward
         x = self.model.model.embed_tokens(input_ids)
         cos, sin = self.model.model.rotary_emb(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]
@@ -123,7 +124,7 @@ class LeanLlama:
             key, value = cache.keys[index], cache.values[index]
             key[:, :, cached:cached + n] = qk[:, self.q_heads:]
             value[:, :, cached:cached + n] = qkv[..., qk_width:].view(1, n, -1, d).transpose(1, 2)
-            out, _ = self.attend(attn, qk[:, :self.q_heads], key, value, mask, dropout=0.0, scaling=self.scaling)
+            out, _ = self.attend(attn, qk[:, :self.q_heads], key, value, mask, dropout=0.0, scaling=self.scaling, **plan)
             x = x + o_w(out.reshape(1, n, -1))
             gate_up = gate_up_w(_rms_norm(x, norm2))
             gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]

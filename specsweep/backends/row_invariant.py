@@ -18,15 +18,19 @@
     the chain, and over them its rows see one unbroken run from the start each, as the rows of a
     chain verify do (deep, narrow trees: token recycling's branches). A recycling tree of two
     5-token branches after 350 tokens verifies in 54 ms by chain, 70 ms by depth (one token: 44 ms).
+Which rows go which way is read off the mask once per forward, where the mask is built, and handed
+to every layer with the forward (`AttentionPlan`); nothing is kept between calls.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from specsweep.core.tree import attention_mask_4d
 
 
 def _attend(query, key, value, mask, scaling, mask_from: int = 0):
@@ -47,16 +51,34 @@ def _attend(query, key, value, mask, scaling, mask_from: int = 0):
     return out.view(b, hkv, d, groups, n).transpose(2, 3).reshape(b, hq, d, n)  # [B, Hkv, groups, D, n]
 
 
-def _gather_plan(mask: torch.Tensor, heads: int) -> tuple[int, list[tuple]]:
-    """For a one-sequence additive mask [1, 1, n, L]: the first key some row does not see, and how
-    to attend the tree rows whose keys are not one run from the start: groups of (rows, flat key
-    rows of the [heads*L, D] view of K, and either the group's additive mask [1, 1, rows, keys] (a
-    chain) or None with the keys per row (a depth)). Every layer of a forward gets the same mask
-    object, so the plan is kept for it; no two forwards may therefore share one mask tensor
-    (`GraphTarget` builds fresh inputs uncaptured)."""
-    global _last_plan
-    if _last_plan is not None and _last_plan[0]() is mask and _last_plan[1] == heads:
-        return _last_plan[2]
+PLAN_KEYWORD = "row_invariant_plan"  # the forward's keyword argument that carries the plan to every layer
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How `row_invariant_attention` attends the rows of one forward, worked out from its mask.
+
+    Every layer of a forward attends with the same mask, so whoever builds the mask (the runners in
+    `specsweep.backends.target`, the lean forward) computes the plan once (`plan_for`, or
+    `causal_plan` for transformers' own causal mask) and passes it with the forward: a model's
+    keyword ``row_invariant_plan=`` reaches every layer's attention call (`plan_kwargs`). Without
+    one the attention function works it out on each call: the same bits, more work.
+
+    ``mask_from``: the first key some row does not see (the mask is all zeros before it).
+    ``groups``: the tree rows whose keys are not one run from the start, as (rows, flat key rows of
+    the [heads*length, D] view of K, and either the group's additive mask [1, 1, rows, keys] (a
+    chain) or None with the keys per row (a depth)); ``heads`` (batch x KV heads) and ``length``
+    (keys) are the shape the flat rows index.
+    """
+
+    mask_from: int
+    groups: tuple[tuple, ...] = ()
+    heads: int | None = None
+    length: int | None = None
+
+
+def plan_for(mask: torch.Tensor, heads: int) -> AttentionPlan:
+    """The plan for a one-sequence additive mask [1, 1, n, L] over K of ``heads`` (batch x KV heads) heads."""
     allowed = mask[0, 0] == 0  # [n, L]
     length = allowed.shape[-1]
     hidden = (~allowed).any(0).nonzero()
@@ -64,7 +86,7 @@ def _gather_plan(mask: torch.Tensor, heads: int) -> tuple[int, list[tuple]]:
     seen = allowed.sum(-1)
     leading = torch.arange(length, device=allowed.device) < seen[:, None]
     gap_rows = (allowed != leading).any(-1).nonzero().flatten()
-    plan = []
+    groups = []
     if gap_rows.numel():
         gap_seen = seen[gap_rows]
         chains, depths = _chains(allowed[gap_rows], gap_seen), gap_seen.unique().tolist()
@@ -74,19 +96,35 @@ def _gather_plan(mask: torch.Tensor, heads: int) -> tuple[int, list[tuple]]:
                 members = gap_rows[chain]
                 keys = allowed[members[-1]].nonzero().flatten()  # the deepest row's keys, ascending
                 visible = torch.arange(keys.numel(), device=mask.device) < seen[members][:, None]
-                chain_mask = torch.zeros(visible.shape, dtype=mask.dtype, device=mask.device)
-                chain_mask.masked_fill_(~visible, torch.finfo(mask.dtype).min)
-                plan.append((members, (offsets + keys[None]).flatten(), chain_mask[None, None], None))
+                chain_mask = attention_mask_4d(visible, mask.dtype, mask.device)
+                groups.append((members, (offsets + keys[None]).flatten(), chain_mask, None))
         else:  # bushy trees: the nodes of one depth see equally many keys
             for count in depths:
                 rows = gap_rows[gap_seen == count]
                 keys = allowed[rows].nonzero()[:, 1]  # ascending within each row, rows one after another
-                plan.append((rows, (offsets + keys[None]).flatten(), None, count))
-    _last_plan = (weakref.ref(mask), heads, (mask_from, plan))
-    return mask_from, plan
+                groups.append((rows, (offsets + keys[None]).flatten(), None, count))
+    return AttentionPlan(mask_from, tuple(groups), heads, length)
 
 
-_last_plan = None  # (the mask, heads, its plan) of the forward in progress
+def causal_plan(cache_len: int) -> AttentionPlan:
+    """The plan for a causal mask over the new rows after ``cache_len`` cached keys (a prefill, a
+    chain verify; keys past the last new one, stale slots, may be hidden too): row 0 sees the keys
+    up to ``cache_len`` and no row has a gap."""
+    return AttentionPlan(cache_len + 1)
+
+
+def plan_kwargs(model, mask: torch.Tensor | None = None, *, cache_len: int | None = None) -> dict:
+    """The keyword arguments that give ``model``'s attention calls one forward's plan: the plan of
+    ``mask`` (the additive [1, 1, n, L] mask the forward is given), or, with ``cache_len`` instead,
+    of the causal mask transformers builds itself after that many cached tokens. None where the
+    model's attention is not row_invariant (or the mask holds more than one sequence)."""
+    if model.config._attn_implementation != "row_invariant":
+        return {}
+    if mask is None:
+        return {PLAN_KEYWORD: causal_plan(cache_len)}
+    if mask.shape[0] != 1:
+        return {}
+    return {PLAN_KEYWORD: plan_for(mask, model.config.num_key_value_heads)}
 
 
 def _chains(allowed: torch.Tensor, seen: torch.Tensor) -> list[list[int]]:
@@ -137,15 +175,22 @@ def _attend_chain(query, key, value, flat, chain_mask, scaling):
     return _attend(query, k, v, chain_mask, scaling)
 
 
-def row_invariant_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    # query [B, Hq, n, D]; key/value [B, Hkv, L, D]; the mask is additive [B, 1, n, L] or None
+def row_invariant_attention(module, query, key, value, attention_mask, scaling, dropout=0.0,
+                            row_invariant_plan: AttentionPlan | None = None, **kwargs):
+    # query [B, Hq, n, D]; key/value [B, Hkv, L, D]; the mask is additive [B, 1, n, L] or None;
+    # ``row_invariant_plan``: the forward's `AttentionPlan` for this mask, if its caller made one
     if math.frexp(scaling)[0] == 0.5:  # a power of two (1/8 for 64-dim heads): (q * s) @ K has the bits
         query, scaling = query * scaling, 1.0  # of (q @ K) * s, in n rows of D instead of n rows of L
-    mask_from, plan = 0, []
-    if attention_mask is not None and attention_mask.shape[0] == 1:  # the engine verifies one sequence
-        mask_from, plan = _gather_plan(attention_mask, key.shape[0] * key.shape[1])
-    out = _attend(query, key, value, attention_mask, scaling, mask_from)
-    for rows, flat, chain_mask, count in plan:
+    heads, length = key.shape[0] * key.shape[1], key.shape[2]
+    plan = row_invariant_plan
+    if plan is None:
+        one_sequence = attention_mask is not None and attention_mask.shape[0] == 1  # the engine verifies one
+        plan = plan_for(attention_mask, heads) if one_sequence else AttentionPlan(0)
+    elif plan.groups and (plan.heads, plan.length) != (heads, length):
+        raise ValueError(f"a row_invariant plan for {plan.heads} heads x {plan.length} keys, "
+                         f"given to an attention over {heads} x {length}")
+    out = _attend(query, key, value, attention_mask, scaling, plan.mask_from)
+    for rows, flat, chain_mask, count in plan.groups:
         if chain_mask is None:
             out[:, :, :, rows] = _attend_gathered(query[:, :, rows], key, value, flat, count, scaling)
         else:

@@ -40,7 +40,8 @@ from transformers import DynamicCache, StaticCache
 from specsweep.backends.cache import compact, move, set_write_position
 from specsweep.backends.hardware import Hardware
 from specsweep.backends.lean import BucketCache, LeanLlama
-from specsweep.core.tree import Tree
+from specsweep.backends.row_invariant import plan_kwargs
+from specsweep.core.tree import Tree, after_cache, attention_mask_4d, causal_block
 
 CAPTURE_WARMUP = 3  # eager calls on a side stream before capture, as torch.cuda.graph's docs ask
 
@@ -81,17 +82,19 @@ class DynamicTarget:
         """Fill a fresh cache with the prompt -> logits [V] after its last token. ``room``: the most
         tokens that will follow the prompt (unused here)."""
         self.cache = DynamicCache(config=self.model.config)
-        return self.model(input_ids=prompt_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        return self.model(input_ids=prompt_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                          **plan_kwargs(self.model, cache_len=0)).logits[0, -1]
 
     def score(self, step_input: torch.Tensor, tree: Tree | None, cache_len: int) -> torch.Tensor:
         """One forward over root + draft [1, m] after ``cache_len`` cached tokens -> logits [m, V].
         ``tree`` None: a chain (the causal mask is the tree mask)."""
         if tree is None:
-            return self.model(input_ids=step_input, past_key_values=self.cache, use_cache=True).logits[0]
+            return self.model(input_ids=step_input, past_key_values=self.cache, use_cache=True,
+                              **plan_kwargs(self.model, cache_len=cache_len)).logits[0]
         device = step_input.device
         mask = tree.verify_mask(cache_len, self.model.dtype, device, as_bool=self.bool_masks)
         return self.model(input_ids=step_input, attention_mask=mask, position_ids=tree.verify_position_ids(cache_len, device),
-                          past_key_values=self.cache, use_cache=True).logits[0]
+                          past_key_values=self.cache, use_cache=True, **plan_kwargs(self.model, mask)).logits[0]
 
     def keep(self, start: int, positions: list[int]) -> None:
         """Keep the cache up to ``start`` and the entries at ``positions`` (ascending), moved to follow it."""
@@ -116,9 +119,9 @@ class LeanTarget(DynamicTarget):
         device = step_input.device
         if tree is None:
             positions = torch.arange(cache_len, cache_len + step_input.shape[1], device=device)[None]
-            return self.forward(step_input, positions, None, self.cache)
-        mask = tree.verify_mask(cache_len, self.model.dtype, device)
-        return self.forward(step_input, tree.verify_position_ids(cache_len, device), mask, self.cache)
+        else:
+            positions = tree.verify_position_ids(cache_len, device)
+        return self.forward(step_input, positions, tree, self.cache)
 
     def keep(self, start: int, positions: list[int]) -> None:
         self.cache.keep(start, positions)
@@ -129,7 +132,8 @@ class GraphTarget:
         self.model, self.capture, self.width = model, capture, width
         self.step_model = torch.compile(model) if compile else model  # runs every forward after the prefill
         self.max_len = 0
-        self.graphs: dict[int, tuple] = {}  # m -> (graph, static inputs, static logits)
+        self.inputs: dict[int, dict] = {}  # m -> static inputs of m-row forwards (the graph's, when captured)
+        self.graphs: dict[int, tuple] = {}  # m -> (graph, static logits)
         # transformers releases before the cache tracked its own length take explicit cache positions
         self.explicit_positions = "cache_position" in inspect.signature(model.forward).parameters
 
@@ -138,23 +142,26 @@ class GraphTarget:
         if needed > self.max_len:  # a new cache moves the buffers the graphs point at: capture again
             self.max_len = max(needed, 2 * self.max_len)
             self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+            self.inputs.clear()
             self.graphs.clear()
         inputs = self._inputs(prompt_ids.shape[1])
-        self._fill(inputs, prompt_ids, None, 0)
-        return self.model(**inputs, past_key_values=self.cache, logits_to_keep=1).logits[0, -1]
+        plan = self._fill(inputs, prompt_ids, None, 0)
+        return self.model(**inputs, **plan, past_key_values=self.cache, logits_to_keep=1).logits[0, -1]
 
     def score(self, step_input: torch.Tensor, tree: Tree | None, cache_len: int) -> torch.Tensor:
         m = step_input.shape[1]
         rows = self.width or m
         if m > rows:
             raise ValueError(f"a forward of {m} tokens exceeds hardware.verify_width={rows}")
-        if not self.capture:  # fresh inputs: row_invariant attention keeps its analysis of a mask per mask object
-            inputs = self._inputs(rows)
-            self._fill(inputs, step_input, tree, cache_len)
-            return self.step_model(**inputs, past_key_values=self.cache).logits[0, :m]
+        if rows not in self.inputs:
+            self.inputs[rows] = self._inputs(rows)
+        inputs = self.inputs[rows]
+        if not self.capture:
+            plan = self._fill(inputs, step_input, tree, cache_len)
+            return self.step_model(**inputs, **plan, past_key_values=self.cache).logits[0, :m]
         if rows not in self.graphs:
-            self.graphs[rows] = self._record(rows, cache_len)
-        graph, inputs, logits = self.graphs[rows]
+            self.graphs[rows] = self._record(inputs, cache_len)
+        graph, logits = self.graphs[rows]
         self._fill(inputs, step_input, tree, cache_len)
         graph.replay()
         return logits[0, :m]
@@ -172,34 +179,33 @@ class GraphTarget:
             inputs["cache_position"] = torch.zeros(m, dtype=torch.long, device=device)
         return inputs
 
-    def _fill(self, inputs: dict, ids: torch.Tensor, tree: Tree | None, cache_len: int) -> None:
+    def _fill(self, inputs: dict, ids: torch.Tensor, tree: Tree | None, cache_len: int) -> dict:
         """Copy this forward's tokens, positions and mask into the static inputs (rows past the m
         tokens of ``ids`` are padding: each sees the cache and itself); point the cache's write
-        position at ``cache_len``."""
+        position at ``cache_len`` -> the keyword arguments that give the attention its plan of the
+        mask (none unless it is row_invariant; a captured graph replays without them, as
+        cuda_graphs and compile take sdpa or eager attention only)."""
         m, rows = ids.shape[1], inputs["input_ids"].shape[1]
-        allowed = torch.eye(rows, dtype=torch.bool)
+        block = torch.eye(rows, dtype=torch.bool)
         positions = torch.arange(cache_len, cache_len + rows)
         if tree is None:
-            allowed[:m, :m] = torch.ones(m, m, dtype=torch.bool).tril()
+            block[:m, :m] = causal_block(m)
         else:
-            allowed[:m, :m] = tree.verify_mask(0, torch.float32, as_bool=True)[0, 0]
+            block[:m, :m] = tree.verify_block()
             positions[:m] = tree.verify_position_ids(cache_len)[0]
         inputs["input_ids"][:, m:] = 0
         inputs["input_ids"][:, :m] = ids
         inputs["position_ids"].copy_(positions[None])
-        mask = torch.full((rows, self.max_len), torch.finfo(self.model.dtype).min, dtype=self.model.dtype)
-        mask[:, :cache_len] = 0
-        mask[:, cache_len:cache_len + rows].masked_fill_(allowed, 0)
-        inputs["attention_mask"].copy_(mask[None, None])
+        inputs["attention_mask"].copy_(attention_mask_4d(after_cache(block, cache_len, self.max_len), self.model.dtype))
         if self.explicit_positions:
             inputs["cache_position"].copy_(torch.arange(cache_len, cache_len + rows))
         set_write_position(self.cache, cache_len)
+        return plan_kwargs(self.model, inputs["attention_mask"])
 
-    def _record(self, m: int, cache_len: int) -> tuple:
-        """Static inputs for m-token forwards and the CUDA graph that replays one. Warm-up and
-        capture write into slots from ``cache_len`` on; the real forward rewrites them."""
-        inputs = self._inputs(m)
+    def _record(self, inputs: dict, cache_len: int) -> tuple:
+        """The CUDA graph that replays a forward of the static ``inputs``' rows, and its logits.
+        Warm-up and capture write into slots from ``cache_len`` on; the real forward rewrites them."""
+        m = inputs["input_ids"].shape[1]
         dummy = torch.zeros(1, m, dtype=torch.long, device=self.model.device)
-        graph, logits = capture_graph(lambda: self._fill(inputs, dummy, None, cache_len),
-                                      lambda: self.step_model(**inputs, past_key_values=self.cache).logits)
-        return graph, inputs, logits
+        return capture_graph(lambda: self._fill(inputs, dummy, None, cache_len),
+                             lambda: self.step_model(**inputs, past_key_values=self.cache).logits)

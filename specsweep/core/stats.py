@@ -36,4 +36,10 @@ def summarize(stats: list[SampleStats]) -> dict:
 def expected_tokens(alpha: float, gamma: float) -> float:
     """Tokens per step with gamma drafted tokens, each accepted with probability alpha (i.i.d.;
     Leviathan et al. 2023)."""
-    return gamma + 1.0 if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return gamma + 1.0 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def predicted_speedup(alpha: float, gamma: float, step_cost: float) -> float:
+    """Leviathan et al.'s speedup: `expected_tokens` per step over the step's cost in autoregressive
+    steps (gamma c + 1 in the paper, c a drafted token's cost; measured costs may stand in for it)."""
+    return expected_tokens(alpha, gamma) / step_cost

@@ -243,39 +243,60 @@ class Tree:
         The prefix ends with the root. Entries are 0 where allowed (the whole prefix, the node's
         ancestors and itself) and ``torch.finfo(dtype).min`` elsewhere.
         """
-        allowed = torch.cat([torch.ones(self.num_nodes, prefix_len, dtype=torch.bool), self.ancestor_mask()], dim=1)
-        return attention_mask_4d(allowed, dtype, device)
+        return attention_mask_4d(after_cache(self.ancestor_mask(), prefix_len), dtype, device)
 
     def position_ids(self, prefix_len: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``[1, n]`` positions for the nodes after a prefix ending with the root: prefix_len + depth - 1."""
         return (torch.tensor(self.depths, dtype=torch.long) + (prefix_len - 1)).unsqueeze(0).to(device)
 
-    def verify_mask(
-        self, cache_len: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-        as_bool: bool = False,
-    ) -> torch.Tensor:
-        """Additive ``[1, 1, n + 1, cache_len + n + 1]`` mask for the block root + nodes after a KV cache.
-
-        Row 0 is the root (sees the cache and itself); row ``1 + i`` is node ``i`` (sees the cache,
-        the root, its ancestors and itself).
-        """
+    def verify_block(self) -> torch.Tensor:
+        """Bool ``[n + 1, n + 1]``: what root + nodes see of each other. Row 0 is the root (itself);
+        row ``1 + i`` is node ``i`` (the root, its ancestors and itself)."""
         n = self.num_nodes
         block = torch.zeros(n + 1, n + 1, dtype=torch.bool)
         block[:, 0] = True
         block[1:, 1:] = self.ancestor_mask()
-        allowed = torch.cat([torch.ones(n + 1, cache_len, dtype=torch.bool), block], dim=1)
-        return attention_mask_4d(allowed, dtype, device, as_bool)
+        return block
+
+    def verify_mask(
+        self, cache_len: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+        as_bool: bool = False,
+    ) -> torch.Tensor:
+        """Additive ``[1, 1, n + 1, cache_len + n + 1]`` mask for the block root + nodes after a KV cache:
+        every row sees the cache, then its `verify_block` row."""
+        return attention_mask_4d(after_cache(self.verify_block(), cache_len), dtype, device, as_bool)
 
     def verify_position_ids(self, cache_len: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``[1, n + 1]`` positions of root + nodes after a KV cache: cache_len + [0, depths...]."""
         return (torch.tensor((0, *self.depths), dtype=torch.long) + cache_len).unsqueeze(0).to(device)
 
 
-def attention_mask_4d(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None,
+def causal_block(n: int) -> torch.Tensor:
+    """Bool ``[n, n]``: a chain's tokens, each seeing itself and the ones before it."""
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def after_cache(block: torch.Tensor, cache_len: int, width: int | None = None) -> torch.Tensor:
+    """Bool ``[q, width]`` (default ``cache_len + k``) from a bool ``block`` [q, k] of what q new
+    tokens see of each other: every row sees the ``cache_len`` cached keys, then its ``block`` row,
+    then nothing (slots past the new tokens, e.g. a static cache's unused or stale ones)."""
+    q, k = block.shape
+    width = cache_len + k if width is None else width
+    allowed = torch.zeros(q, width, dtype=torch.bool, device=block.device)
+    allowed[:, :cache_len] = True
+    allowed[:, cache_len:cache_len + k] = block
+    return allowed
+
+
+def attention_mask_4d(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None = None,
                       as_bool: bool = False) -> torch.Tensor:
     """``[1, 1, q, kv]`` mask from a bool ``[q, kv]`` (True = may attend): additive float (0 / dtype
-    min; right with sdpa and eager), or the bool itself (what NPU SDPA wants; right with sdpa only)."""
-    mask = allowed if as_bool else torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    min; right with sdpa and eager), or the bool itself (what NPU SDPA wants; right with sdpa only).
+    It is made where ``allowed`` is, then moved to ``device`` (None: stays)."""
+    if as_bool:
+        mask = allowed
+    else:
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None].to(device)
 
 

@@ -37,7 +37,7 @@ from specsweep.app.results import environment, lock_hash
 from specsweep.app.run import build_engine, check_tree_fits, decoding_settings, resolve_model_dirs
 from specsweep.backends import exactness, hardware
 from specsweep.core.engine import synchronize
-from specsweep.core.stats import expected_tokens, summarize
+from specsweep.core.stats import predicted_speedup, summarize
 from specsweep.errors import SpecsweepError
 
 
@@ -102,7 +102,7 @@ def bounds(stats, ar_step_s: float) -> tuple[float | None, float | None]:
         return None, None
     gamma = m["draft_tokens"] / m["verify_steps"]
     step = (m["draft_s"] + m["verify_s"]) / m["verify_steps"] / ar_step_s
-    leviathan = expected_tokens(m["acceptance_rate"], gamma) / step
+    leviathan = predicted_speedup(m["acceptance_rate"], gamma, step)
     return leviathan, m["tokens_per_target_forward"] / step
 
 

@@ -35,9 +35,12 @@ from specsweep.app.results import environment, machine_info
 from specsweep.backends.cache import set_write_position, truncate
 from specsweep.backends.hardware import DTYPES, STATIC_CACHE_ATTENTION
 from specsweep.backends.prepack import check_supported, prepack_linears
+from specsweep.backends.row_invariant import plan_kwargs
 from specsweep.backends.row_invariant import register as register_attention
 from specsweep.backends.target import capture_graph
+from specsweep.core import stats
 from specsweep.core.stats import expected_tokens
+from specsweep.core.tree import after_cache, attention_mask_4d, causal_block
 from specsweep.errors import SpecsweepError
 from specsweep.tools.tree_attention.timing import measure
 
@@ -50,7 +53,7 @@ MODELS = {  # the shapes of the seeds' targets and drafts; "tiny" is for tests
                        num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
-                         tie_word_embeddings=True, rope_theta=100000.0),
+                         tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5),  # the embedded model
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048),
 }
@@ -72,13 +75,12 @@ def random_llama(shape: dict, device: torch.device, dtype: torch.dtype, attn_imp
 def step_inputs(model, start: int, n: int, kv_len: int, device: torch.device) -> dict:
     """Inputs for n chained tokens at positions start..start+n-1, attending over ``kv_len`` cache
     columns: an explicit additive 4D mask (as tree verification needs; it also masks a static
-    cache's unused slots) and explicit positions, so no forward reads the cache length back."""
-    dtype = model.dtype
+    cache's unused slots) and explicit positions, so no forward reads the cache length back; with
+    row_invariant attention, the mask's plan (worked out here, untimed)."""
     rows = torch.arange(start, start + n, device=device)
-    mask = torch.zeros(1, 1, n, kv_len, dtype=dtype, device=device)
-    mask.masked_fill_(torch.arange(kv_len, device=device) > rows[:, None], torch.finfo(dtype).min)
+    mask = attention_mask_4d(after_cache(causal_block(n), start, kv_len), model.dtype, device)
     inputs = {"input_ids": torch.randint(model.config.vocab_size, (1, n), device=device),
-              "position_ids": rows[None], "attention_mask": mask, "use_cache": True}
+              "position_ids": rows[None], "attention_mask": mask, "use_cache": True, **plan_kwargs(model, mask)}
     if "cache_position" in inspect.signature(model.forward).parameters:  # older transformers 5.x ask for it
         inputs["cache_position"] = rows
     return inputs
@@ -126,7 +128,7 @@ def any_compiled(modes: list[str]) -> bool:
 
 def predicted_speedup(alpha: float, gamma: int, c: float, verify_ratio: float) -> float:
     """Leviathan et al.'s E / (gamma c + 1), with the measured t(gamma+1)/t(1) in place of the 1."""
-    return expected_tokens(alpha, gamma) / (gamma * c + verify_ratio)
+    return stats.predicted_speedup(alpha, gamma, gamma * c + verify_ratio)
 
 
 def derive(rows: list[dict], alphas: list[float]) -> tuple[list[dict], list[dict], list[dict]]:

@@ -152,13 +152,13 @@ def _time_point(cfg, impls, base, tree, heads, point, device, dtype) -> list[dic
 
 def _free_tokens_part(cfg: DictConfig, device: torch.device, dtype: torch.dtype, out_dir: Path) -> None:
     ft = cfg.free_tokens
-    rows = free_tokens.run(ft, device, dtype, timing=cfg)
+    rows, shape = free_tokens.run(ft, device, dtype, timing=cfg), free_tokens.model_shape(ft)
     fields = ["nodes", "tokens", "prefix", "batch", "median_ms", "min_ms", "repeats", "vs_decode"]
     _write_csv(out_dir / FREE_TOKENS_CSV_NAME, [{**r, "device": str(device), "dtype": str(dtype)} for r in rows],
                [*fields, "device", "dtype"])  # fmt: skip
     title = (
         f"target forward of root + n tree nodes after a {ft.prefix}-token cache, batch {ft.batch} "
-        f"(random {ft.model.num_hidden_layers}-layer Llama, hidden {ft.model.hidden_size}; {device}, "
+        f"(random {shape['num_hidden_layers']}-layer Llama, hidden {shape['hidden_size']}; {device}, "
         f"{str(dtype).removeprefix('torch.')})"
     )
     plots.plot_free_tokens(rows, title, out_dir / "free_tokens.png")

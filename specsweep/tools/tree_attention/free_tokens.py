@@ -1,11 +1,11 @@
 """The "free tokens" curve: a whole target forward over root + n tree nodes vs a one-token decode.
 
 Decoding is memory-bound, so verifying a few extra tokens in the same forward costs little; this
-measures how many. The target is a random-weight model of the embedded model's shape (no weights
-needed for timing). Nodes follow the engine's convention: after a KV cache of ``prefix`` tokens
-come the root and the n nodes, with `Tree.verify_mask` as a 4D additive mask and explicit
-`Tree.verify_position_ids`. A dense mask costs the same whatever its pattern, so each n uses a
-chain of n nodes.
+measures how many. The target is a random-weight model (no weights needed for timing) of a shape
+in `specsweep.tools.costs.MODELS` (``shape``: by default the embedded model's). Nodes follow the
+engine's convention: after a KV cache of ``prefix`` tokens come the root and the n nodes, with
+`Tree.verify_mask` as a 4D additive mask and explicit `Tree.verify_position_ids`. A dense mask
+costs the same whatever its pattern, so each n uses a chain of n nodes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import DynamicCache
 
 from specsweep.core.tree import Tree
-from specsweep.tools.costs import random_llama
+from specsweep.tools.costs import MODELS, random_llama
 from specsweep.tools.tree_attention.timing import measure
 
 
@@ -26,10 +26,15 @@ def tree_sizes(cfg: DictConfig) -> list[int]:
     return sorted({0, *range(1, cfg.max_nodes + 1, cfg.stride), cfg.max_nodes})
 
 
+def model_shape(cfg: DictConfig) -> dict:
+    """LlamaConfig fields of the timed model: the shape ``cfg.shape`` names, ``cfg.model``'s fields over it."""
+    return {**MODELS[cfg.shape], **OmegaConf.to_container(cfg.model)}
+
+
 def run(cfg: DictConfig, device: torch.device, dtype: torch.dtype, timing: DictConfig) -> list[dict]:
     """One row per tree size; ``timing`` holds warmup, repeats and budget_s."""
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = random_llama(OmegaConf.to_container(cfg.model), device, dtype, cfg.attn_implementation)
+    model = random_llama(model_shape(cfg), device, dtype, cfg.attn_implementation)
     vocab = model.config.vocab_size
     prefix_ids = torch.randint(vocab, (cfg.batch, cfg.prefix), generator=generator).to(device)
     rows = []

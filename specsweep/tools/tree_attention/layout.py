@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from specsweep.core.tree import Tree
+from specsweep.core.tree import Tree, after_cache, causal_block
 
 
 class PathPlan(NamedTuple):
@@ -25,8 +25,7 @@ class PathPlan(NamedTuple):
 @lru_cache(maxsize=128)
 def tree_mask(tree: Tree, prefix_len: int, device: torch.device) -> torch.Tensor:
     """Bool [n, prefix_len + n]: the whole prefix, then each node's ancestors and itself."""
-    prefix = torch.ones(tree.num_nodes, prefix_len, dtype=torch.bool)
-    return torch.cat([prefix, tree.ancestor_mask()], dim=1).to(device)
+    return after_cache(tree.ancestor_mask(), prefix_len).to(device)
 
 
 @lru_cache(maxsize=128)
@@ -40,6 +39,6 @@ def path_plans(tree: Tree, prefix_len: int, device: torch.device) -> tuple[PathP
     for path in tree.paths:
         nodes = torch.tensor(path, dtype=torch.long)
         keys = torch.cat([torch.arange(prefix_len), nodes + prefix_len])
-        causal = torch.ones(len(path), prefix_len + len(path), dtype=torch.bool).tril(prefix_len)
+        causal = after_cache(causal_block(len(path)), prefix_len)
         plans.append(PathPlan(nodes.to(device), keys.to(device), causal.to(device)))
     return tuple(plans)

@@ -7,13 +7,9 @@ from typing import Callable
 
 import torch
 
+from specsweep.core.engine import synchronize
+
 MIN_REPEATS = 3  # a median needs a few samples even when one call is slow
-
-
-def synchronize(device: torch.device) -> None:
-    backend = getattr(torch, device.type, None)  # torch.cuda, torch.npu (torch_npu), torch.xpu, ...
-    if device.type != "cpu" and hasattr(backend, "synchronize"):
-        backend.synchronize()
 
 
 def measure(
