@@ -25,6 +25,7 @@ from specsweep.core.engine import Engine
 from specsweep.core.sampling import Sampling
 from specsweep.core.tree import Tree
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.drafters.recycling import TokenRecycling
 from specsweep.errors import SpecsweepError
 from tests.conftest import bf16_unsupported
 
@@ -80,9 +81,9 @@ def test_speculative_decoding_in_bf16_is_the_targets_own(bf16):
     model, tokenizer = bf16
     eos = models.eos_token_ids(model, tokenizer)
     ar = Engine(model, None, 0, GREEDY, 64, eos, runner=DynamicTarget(model))
-    recycling = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=3, recycle_tokens=5, recycle_context=3)  # best's
-    recycling_tree = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycle_tokens=3, recycle_branches=4,
-                                         recycle_context=2)
+    recycling = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=3, recycling=TokenRecycling(5, context=3))  # best's
+    recycling_tree = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2,
+                                         recycling=TokenRecycling(3, branches=4, context=2))
     accepted = 0
     for problem in list(read_problems().values())[124:126]:
         ids = tokenizer(problem["prompt"], return_tensors="pt").input_ids
@@ -108,7 +109,7 @@ def test_a_static_cache_keeps_bf16_trees_exact(bf16):
     ids = tokenizer(list(read_problems().values())[124]["prompt"], return_tensors="pt").input_ids
     expected = Engine(model, None, 0, GREEDY, 48, eos, runner=DynamicTarget(model)).generate(ids).output_ids
     for shape in (Tree.binary(3), 15):
-        drafter = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycle_tokens=3, recycle_branches=3)
+        drafter = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycling=TokenRecycling(3, branches=3))
         runner = GraphTarget(model, capture=False, width=16)
         assert Engine(model, drafter, shape, GREEDY, 48, eos, runner=runner).generate(ids).output_ids == expected, f"{shape}"
 

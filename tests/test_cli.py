@@ -50,11 +50,16 @@ def test_single_run_writes_the_results_contract(model_dirs, prompts, tmp_path):
 
 def test_multirun_summarises_every_job_and_reports_failures(model_dirs, prompts, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = specsweep("-m", *base_args(model_dirs, prompts, tmp_path), "draft=none,model,prompt-lookup",
-                     f"++draft.path={model_dirs['draft']}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    # the draft model's path in a draft config of the user's own (a draft takes only its own keys,
+    # so `++draft.path` over the whole sweep would be refused by prompt lookup)
+    conf = tmp_path / "conf"
+    (conf / "draft").mkdir(parents=True)
+    (conf / "draft" / "local.yaml").write_text(f"defaults: [model, _self_]\nname: local\npath: {model_dirs['draft']}\n")
+    drafts = ["draft=none,local,prompt-lookup", f"hydra.searchpath=[file://{conf}]"]
+    proc = specsweep("-m", *base_args(model_dirs, prompts, tmp_path), *drafts, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
-    assert [(r["draft"], r["status"]) for r in rows] == [("none", "ok"), ("model", "ok"), ("prompt-lookup", "ok")]
+    assert [(r["draft"], r["status"]) for r in rows] == [("none", "ok"), ("local", "ok"), ("prompt-lookup", "ok")]
     assert float(rows[0]["speedup"]) == 1.0 and float(rows[1]["speedup"]) > 0
     assert "sweep summary" in proc.stdout
 
@@ -74,8 +79,7 @@ def test_multirun_summarises_every_job_and_reports_failures(model_dirs, prompts,
     position = margins.index(max(margins))
     samples[0]["output_ids"][position] = (samples[0]["output_ids"][position] + 1) % 300
     samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    proc = specsweep("-m", *base_args(model_dirs, prompts, tmp_path), "draft=none,model,prompt-lookup",
-                     f"++draft.path={model_dirs['draft']}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = specsweep("-m", *base_args(model_dirs, prompts, tmp_path), *drafts, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert [r["lossless"] for r in rows] == ["reference", "DIVERGED", "exact"]

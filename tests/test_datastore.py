@@ -12,6 +12,7 @@ from specsweep.core.engine import Engine
 from specsweep.core.sampling import Sampling
 from specsweep.drafters.datastore import Datastore
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.drafters.recycling import TokenRecycling
 from specsweep.errors import SpecsweepError
 from tests.conftest import REPO, tiny_llama
 
@@ -51,8 +52,8 @@ def test_datastore_drafts_are_lossless_and_leave_out_the_runs_own_prompts(tmp_pa
     ar = Engine(target, None, 0, GREEDY, 60, [], runner=DynamicTarget(target))
     outputs = [ar.generate(p).output_ids for p in prompts]
     path = write_samples(tmp_path / "samples.jsonl", [(p[0].tolist(), o) for p, o in zip(prompts, outputs)])
-    drafter = PromptLookupDrafter(6, 1, weak_ngram=3, weak_tokens=1, recycle_tokens=3, recycle_context=2,
-                                  datastore=Datastore(path, 2, 6), datastore_tokens=7)
+    drafter = PromptLookupDrafter(6, 1, weak_ngram=3, weak_tokens=1, recycling=TokenRecycling(3, context=2),
+                                  datastore=Datastore(path, 2, 6, tokens=7))
     run = prompts[3:]  # the datastore also holds these: their entries must go, or drafts copy the answers
     drafter.prepare([p[0].tolist() for p in run])
     engine = Engine(target, drafter, 7, GREEDY, 60, [], runner=DynamicTarget(target))
@@ -61,7 +62,7 @@ def test_datastore_drafts_are_lossless_and_leave_out_the_runs_own_prompts(tmp_pa
     counters = drafter.counters()
     assert counters["datastore_entries"] == 3 and counters["datastore_excluded"] == 3
     assert counters["datastore_drafts"] > 0
-    assert all(len(choices) == 1 for choices in drafter.recycled.values())
+    assert all(len(choices) == 1 for choices in drafter.recycling.table.values())
     with pytest.raises(RuntimeError, match="before the first prompt"):
         drafter.prepare([])
 

@@ -17,6 +17,7 @@ from specsweep.core.engine import Engine
 from specsweep.core.sampling import Sampling
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.drafters.recycling import TokenRecycling
 from specsweep.errors import SpecsweepError
 from specsweep.tools import replay
 from specsweep.tools.bench import compose_cfg
@@ -162,7 +163,7 @@ def test_greedy_decoding_with_the_length_policy_equals_autoregressive(curve):
     for seed in range(3):
         prompt = torch.randint(0, 24, (1, 10), generator=torch.Generator().manual_seed(seed))
         expected = autoregressive(target, prompt, 60)
-        for drafter in (PromptLookupDrafter(4, 1, weak_ngram=2, recycle_tokens=7, recycle_context=2),
+        for drafter in (PromptLookupDrafter(4, 1, weak_ngram=2, recycling=TokenRecycling(7, context=2)),
                         ModelDrafter(draft, GREEDY)):
             policy = LengthPolicy(VerifyCosts.from_ratios(curve, 8))
             result = Engine(target, drafter, 7, GREEDY, 60, [], length_policy=policy, runner=DynamicTarget(target)).generate(prompt)
@@ -195,8 +196,8 @@ def test_prompt_lookup_names_the_kind_of_each_proposal(tmp_path):
     store.write_text(json.dumps({"prompt_ids": [50, 51], "output_ids": [60, 61, 62, 63, 64, 65, 66, 67, 68]}) + "\n")
     from specsweep.drafters.datastore import Datastore
 
-    drafter = PromptLookupDrafter(4, 1, weak_ngram=3, recycle_tokens=4, datastore=Datastore(store, 2, 4),
-                                  datastore_tokens=None)
+    drafter = PromptLookupDrafter(4, 1, weak_ngram=3, recycling=TokenRecycling(4),
+                                  datastore=Datastore(store, 2, 4, tokens=None))
     drafter.prepare([[1]])
     drafter.reset(torch.tensor([[1]]))
     propose = lambda ids, k=6: drafter.propose(torch.tensor([ids]), k)  # noqa: E731
@@ -213,7 +214,7 @@ def test_prompt_lookup_names_the_kind_of_each_proposal(tmp_path):
 def test_experiment_best_uses_the_cost_policy_and_defaults_stay_fixed():
     best = compose_cfg(["experiment=best"])
     assert best.draft.length_policy == "cost" and best.tree.depth == 31
-    assert best.draft.recycle_tokens == 31 and best.draft.datastore_tokens is None
+    assert best.draft.recycling.tokens == 31 and best.draft.datastore.tokens is None
     assert best.tree.depth + 1 == best.hardware.max_verify_tokens
     assert compose_cfg([]).draft.length_policy == "fixed"
     with pytest.raises(SpecsweepError, match="tree=chain"):

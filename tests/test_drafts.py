@@ -1,23 +1,34 @@
-"""The draft zoo (bigram, layer-skip, cascade): lossless, and each with its clear errors."""
+"""The draft zoo (bigram, layer-skip, cascade, prompt lookup and its parts): lossless, and each with
+its clear errors; a draft is one class + one YAML (`_target_`), checked before anything loads."""
 
 from __future__ import annotations
 
 import copy
+import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from specsweep import CONF_DIR
 from specsweep.backends.target import DynamicTarget
+from specsweep.core.draft import Draft, Drafter
 from specsweep.core.engine import Engine
-from specsweep.core.sampling import Sampling
+from specsweep.core.sampling import Sampling, greedy_tokens
+from specsweep.core.tree import Tree
+from specsweep.drafters import BuildContext, build_drafter, check_draft, draft_class, model_paths
 from specsweep.drafters.bigram import BigramDrafter, count_bigrams, load_csdrafting_json
 from specsweep.drafters.cascade import CascadeDrafter
-from specsweep.drafters.layer_skip import kept_layers, layer_skip_drafter
+from specsweep.drafters.layer_skip import LayerSkipDrafter, kept_layers
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.drafters.recycling import TokenRecycling
 from specsweep.errors import SpecsweepError
+from specsweep.tools.bench import compose_cfg
 from tests.conftest import perturbed_copy, tiny_llama
 
 GREEDY = Sampling()
@@ -74,10 +85,11 @@ def reduced_copy(model, kept):
     return ref
 
 
-@pytest.mark.parametrize("cfg, kept", [({"exit_layer": 2}, [0, 1]), ({"skip_layers": [0, 2]}, [1, 3])])
+@pytest.mark.parametrize("cfg, kept", [({"exit_layer": 2, "skip_layers": None}, [0, 1]),
+                                       ({"exit_layer": None, "skip_layers": [0, 2]}, [1, 3])])
 def test_layer_skip_view_is_the_reduced_model_sharing_weights(cfg, kept):
     target = tiny_llama(21, layers=4, init=0.5)
-    drafter = layer_skip_drafter(target, OmegaConf.create(cfg), GREEDY, None)
+    drafter = LayerSkipDrafter(target, GREEDY, None, **cfg)
     assert all(a is b for a, b in zip(drafter.model.model.layers, [target.model.layers[i] for i in kept]))
     assert len(target.model.layers) == 4  # the target itself is untouched
     prompt = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(0))
@@ -130,11 +142,11 @@ def test_three_level_cascade_with_prompt_lookup_at_the_bottom():
     target = tiny_llama(25, vocab=16, init=0.5)
     big = ModelDrafter(perturbed_copy(target, 0.2, 26), GREEDY)
     small = ModelDrafter(perturbed_copy(target, 0.6, 27), GREEDY)
-    recycling = PromptLookupDrafter(3, 1, weak_ngram=2, weak_tokens=1, recycle_tokens=3)
+    recycling = PromptLookupDrafter(3, 1, weak_ngram=2, weak_tokens=1, recycling=TokenRecycling(3))
     cascade = CascadeDrafter([big, small, recycling], ["big", "small", "pld"], [[3, 2, 4], [0, 3, 4], [0, 0, 4]])
     prompt = torch.randint(0, 16, (1, 20), generator=torch.Generator().manual_seed(3))
     assert Engine(target, cascade, 9, GREEDY, 60, [], runner=DynamicTarget(target)).generate(prompt).output_ids == autoregressive(target, prompt, 60)
-    assert recycling.recycled  # the cascade passes the target's logits down to its levels
+    assert recycling.recycling.table  # the cascade passes the target's logits down to its levels
 
 
 def test_k_matrix_shape_must_match_levels():
@@ -142,7 +154,6 @@ def test_k_matrix_shape_must_match_levels():
         CascadeDrafter([PromptLookupDrafter(), PromptLookupDrafter()], ["a", "b"], [[1, 2, 3]])
     with pytest.raises(SpecsweepError, match="row 0 must propose"):
         CascadeDrafter([PromptLookupDrafter(), PromptLookupDrafter()], ["a", "b"], [[0, 0], [0, 1]])
-
 
 
 def test_prompt_lookup_copies_on_into_its_own_draft():
@@ -156,14 +167,14 @@ def test_prompt_lookup_copies_on_into_its_own_draft():
 
 
 def test_token_recycling_fills_weak_and_empty_matches_from_the_targets_choices():
-    drafter = PromptLookupDrafter(max_ngram=3, weak_ngram=2, weak_tokens=1, recycle_tokens=4)
+    drafter = PromptLookupDrafter(max_ngram=3, weak_ngram=2, weak_tokens=1, recycling=TokenRecycling(4))
     ids = torch.tensor([[10, 11, 12]])
     drafter.reset(ids)
     assert drafter.propose(ids, 8).tokens.numel() == 0  # no match, nothing recycled yet
     logits = torch.zeros(4, 20)
     logits[0, 13], logits[1, 14], logits[2, 12], logits[3, 12] = 1, 1, 1, 1  # after 12 the target chose 13, ...
     drafter.on_scored(torch.tensor([12, 13, 14, 9]), logits)
-    assert drafter.propose(ids, 8).tokens.tolist() == [13, 14, 12, 13]  # follows the table, recycle_tokens long
+    assert drafter.propose(ids, 8).tokens.tolist() == [13, 14, 12, 13]  # follows the table, recycling.tokens long
     assert drafter.propose(ids, 2).tokens.tolist() == [13, 14]  # never past the room left
     weak = torch.tensor([[13, 9, 10, 11, 12, 7, 13]])  # only the 1-gram (13) matches: weak, 1 token, then recycled
     drafter.reset(weak)
@@ -174,9 +185,9 @@ def test_token_recycling_fills_weak_and_empty_matches_from_the_targets_choices()
 
 
 def test_token_recycling_keys_choices_by_the_last_tokens():
-    """With recycle_context=2 the choice after (7, 12) and after (8, 12) are kept apart; a context
+    """With recycling.context=2 the choice after (7, 12) and after (8, 12) are kept apart; a context
     never recorded falls back to the last token alone."""
-    drafter = PromptLookupDrafter(max_ngram=1, weak_ngram=2, weak_tokens=0, recycle_tokens=2, recycle_context=2)
+    drafter = PromptLookupDrafter(max_ngram=1, weak_ngram=2, weak_tokens=0, recycling=TokenRecycling(2, context=2))
 
     def score(text, chosen):  # one verify step after ``text``: root text[-1], nothing accepted
         ids = torch.tensor([text])
@@ -188,21 +199,22 @@ def test_token_recycling_keys_choices_by_the_last_tokens():
     drafter.reset(torch.tensor([[1]]))
     score([1, 7, 12], 20)  # after 7 12: 20
     score([1, 7, 12, 20, 8, 12], 21)  # after 8 12: 21, and after 12 alone now 21
-    assert drafter.recycled[(7, 12)] == [20] and drafter.recycled[(8, 12)] == [21] and drafter.recycled[(12,)] == [21]
+    table = drafter.recycling.table
+    assert table[(7, 12)] == [20] and table[(8, 12)] == [21] and table[(12,)] == [21]
     for text, first in (([2, 7, 12], 20), ([2, 8, 12], 21), ([2, 9, 12], 21)):
         drafter.reset(torch.tensor([text]))
         assert drafter.propose(torch.tensor([text]), 1).tokens.tolist() == [first]
-    with pytest.raises(ValueError, match="recycle_context >= 1"):
-        PromptLookupDrafter(recycle_tokens=2, recycle_context=0)
+    with pytest.raises(ValueError, match="context >= 1"):
+        TokenRecycling(2, context=0)
 
 
 def test_token_recycling_trees_branch_on_the_targets_top_choices():
-    drafter = PromptLookupDrafter(max_ngram=3, weak_ngram=2, weak_tokens=1, recycle_tokens=3, recycle_branches=2)
+    drafter = PromptLookupDrafter(max_ngram=3, weak_ngram=2, weak_tokens=1, recycling=TokenRecycling(3, branches=2))
     logits = torch.zeros(4, 20)
     logits[0, [13, 15]] = torch.tensor([2.0, 1.0])  # after 12: 13 first, 15 second
     logits[1, 14] = logits[2, 12] = logits[3, 16] = 1  # 13 -> 14, 14 -> 12, 15 -> 16
     drafter.on_scored(torch.tensor([12, 13, 14, 15]), logits)
-    assert drafter.recycled[(12,)] == [13, 15]
+    assert drafter.recycling.table[(12,)] == [13, 15]
     ids = torch.tensor([[10, 11, 12]])  # no match: the two recycled branches after 12
     drafter.reset(ids)
     draft = drafter.propose(ids, 8)
@@ -228,3 +240,119 @@ def test_prompt_lookup_limits_weak_matches():
     weak = torch.tensor([[1, 2, 3, 4, 8, 9, 4]])  # only the 1-gram (4) matches
     drafter.reset(weak)
     assert drafter.propose(weak, 8).tokens.tolist() == [8]
+
+
+# ---- a draft is one class + one YAML -------------------------------------------------------------
+
+DRAFT_CONFIGS = sorted(p.stem for p in (CONF_DIR / "draft").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", DRAFT_CONFIGS)
+def test_every_draft_config_names_its_class_and_holds_its_keys(name):
+    cfg = compose_cfg([f"draft={name}"])
+    cls = draft_class(cfg.draft)
+    assert (cls is None) == (name == "none") and cfg.draft.name == name
+    check_draft(cfg.draft, Tree.chain(4))  # the class takes exactly the YAML's keys (cascade levels too)
+    paths = model_paths(cfg.draft) if name != "model" else {}  # draft=model's path is ??? until given
+    expected = {"160m": {"draft.path"}, "7b": {"draft.path"}, "cascade-160m": {"draft.levels.0.path"}}
+    assert set(paths) == expected.get(name, set())
+
+
+def test_experiment_best_composes_prompt_lookup_from_its_parts():
+    best = compose_cfg(["experiment=best", "draft.datastore=null", "draft.length_policy=fixed"])
+    drafter = build_drafter(best.draft, BuildContext(None, None, GREEDY, None, None, None, Path("/nonexistent")))
+    assert isinstance(drafter, PromptLookupDrafter) and drafter.datastore is None
+    recycling = drafter.recycling
+    assert (recycling.tokens, recycling.branches, recycling.context) == (31, 1, 3)  # tokens: ${tree.depth}
+    assert (drafter.max_ngram, drafter.weak_ngram, drafter.weak_tokens) == (8, 3, None)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["draft._target_=specsweep.drafters.nope.Nope"], "draft._target_=specsweep.drafters.nope.Nope: no such class"),
+    (["draft._target_=specsweep.drafters.recycling.TokenRecycling"], "not a draft (a subclass of"),
+    (["+draft.max_tokens=3"], "draft (PromptLookupDrafter): got an unexpected keyword argument 'max_tokens'"),
+    (["draft=bigram", "~draft.corpus"], "draft (BigramDrafter): missing a required argument: 'corpus'"),
+    (["draft=cascade", "draft.levels.1._target_=no.Such"], "draft.levels.1._target_=no.Such: no such class"),
+    (["experiment=best", "draft.recycling._target_=no.Such"], "draft.recycling._target_=no.Such: no such class"),
+    (["draft=bigram", "tree=dynamic"], "draft=bigram (BigramDrafter) cannot fill dynamic trees, only chains and trees"),
+    (["draft=cascade", "tree=binary"], "draft=cascade (CascadeDrafter) cannot fill trees, only chains: use tree=chain"),
+    (["experiment=best", "draft.length_policy=fixed", "tree=binary", "tree.depth=2"],
+     "draft.recycling (TokenRecycling) fills chains only: use tree=chain, or draft.recycling=null"),
+])
+def test_bad_draft_configs_are_refused_with_one_line(overrides, message):
+    from specsweep.app.run import decoding_settings
+
+    with pytest.raises(SpecsweepError) as err:
+        decoding_settings(compose_cfg(overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_part_values_are_one_line_errors(tmp_path):
+    ctx = BuildContext(None, None, GREEDY, None, None, None, tmp_path)
+    cfg = compose_cfg(["experiment=best", "draft.recycling.context=0", "draft.datastore=null"])
+    with pytest.raises(SpecsweepError, match=r"^draft.recycling: token recycling needs .* context >= 1"):
+        build_drafter(cfg.draft, ctx)
+    cfg = compose_cfg(["experiment=best", f"draft.datastore.path={tmp_path / 'none.jsonl'}"])
+    with pytest.raises(SpecsweepError, match=r"^draft.datastore.path=.*none.jsonl: no such file"):
+        build_drafter(cfg.draft, ctx)
+
+
+class SelfDraft(Drafter):
+    """A draft that lives in this test file alone: the target itself, re-run greedily on the whole
+    sequence for up to ``tokens`` tokens (it reaches the target through the build context)."""
+
+    fills = ("chain",)
+
+    @classmethod
+    def build(cls, ctx, *, tokens):
+        return cls(ctx.target, tokens)
+
+    def __init__(self, model, tokens: int):
+        self.model, self.tokens = model, tokens
+
+    @torch.inference_mode()
+    def propose(self, ids, max_tokens):
+        for _ in range(min(self.tokens, max_tokens)):
+            ids = torch.cat([ids, greedy_tokens(self.model(ids).logits[0, -1]).view(1, 1)], dim=1)
+        return Draft(ids[0, ids.shape[1] - min(self.tokens, max_tokens):])
+
+
+SELF_DRAFT = f"{SelfDraft.__module__}.{SelfDraft.__qualname__}"
+
+
+def test_a_draft_is_one_class_and_one_yaml(model_dirs, tmp_path):
+    """A class above and a YAML in a config dir of the user's own (on Hydra's search path) are the
+    whole draft: `python -m specsweep` runs it, and its outputs are the autoregressive ones."""
+    (tmp_path / "conf" / "draft").mkdir(parents=True)
+    (tmp_path / "conf" / "draft" / "self.yaml").write_text(f"_target_: {SELF_DRAFT}\nname: self\ntokens: 3\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("def add(a, b):\n    return", "import os")))
+    here = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONPATH": os.pathsep.join(
+        [here, str(Path(here).parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    sweep = tmp_path / "sweep"
+    args = ["-m", "draft=none,self", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "target=local",
+            f"target.path={model_dirs['target']}", "dataset=jsonl", f"dataset.path={prompts}",
+            "decode.max_new_tokens=12", "hardware=cpu", f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run([sys.executable, "-m", "specsweep", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [(r["draft"], r["status"], r["lossless"]) for r in rows] == [("none", "ok", "reference"),
+                                                                        ("self", "ok", "exact")]
+    outputs = [[json.loads(line)["output_ids"] for line in (sweep / job / "samples.jsonl").read_text().splitlines()]
+               for job in ("0", "1")]
+    assert outputs[0] == outputs[1]
+    metrics = json.loads((sweep / "1" / "metrics.json").read_text())
+    assert metrics["choices"]["draft"] == "self" and metrics["accepted_tokens"] > 0
+
+
+def test_a_draft_that_fills_chains_only_is_refused_for_trees_before_loading(tmp_path):
+    from specsweep.app.run import run_decode
+
+    cfg = compose_cfg(["draft=none", f"draft._target_={SELF_DRAFT}", "draft.name=self", "+draft.tokens=3",
+                       "tree=binary", "target=local", f"target.path={tmp_path / 'no-such-model'}"])
+    with pytest.raises(SpecsweepError) as err:  # the tree is refused: the missing target is never looked at
+        run_decode(cfg, tmp_path / "run", {})
+    assert str(err.value) == "draft=self (SelfDraft) cannot fill trees, only chains: use tree=chain"
+    assert not (tmp_path / "run").exists()

@@ -61,15 +61,13 @@ def test_converted_weights_equal_the_gguf(embedded):
 
 
 def test_trees_on_the_embedded_model_are_lossless(embedded):
-    from omegaconf import OmegaConf
-
     from specsweep.core.tree import DynamicTreeSpec, Tree
-    from specsweep.drafters.layer_skip import layer_skip_drafter
+    from specsweep.drafters.layer_skip import LayerSkipDrafter
 
     model, tokenizer = embedded
     ids = tokenizer(PROMPTS[2], return_tensors="pt").input_ids
     expected = Engine(model, None, 0, GREEDY, 32, [], runner=DynamicTarget(model)).generate(ids).output_ids
-    skip = layer_skip_drafter(model, OmegaConf.create({"skip_layers": [14]}), GREEDY, None)
+    skip = LayerSkipDrafter(model, GREEDY, exit_layer=None, skip_layers=[14])
     medusa = Tree.from_config({"shape": "medusa"})
     for drafter, shape in ((PromptLookupDrafter(3, 1), medusa), (skip, Tree.binary(3)),
                            (skip, DynamicTreeSpec(budget=10, depth=4, k=3))):

@@ -10,6 +10,7 @@ from specsweep.core.engine import Engine
 from specsweep.core.sampling import Sampling, greedy_tokens
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.drafters.recycling import TokenRecycling
 from tests.conftest import perturbed_copy, tiny_llama
 
 GREEDY = Sampling()
@@ -94,14 +95,14 @@ def test_prompt_lookup_matches_autoregressive(gamma):
 @pytest.mark.parametrize("gamma, branches, context", [(1, 1, 1), (3, 1, 1), (12, 1, 1), (3, 3, 1), (5, 1, 3), (3, 3, 2)])
 def test_token_recycling_matches_autoregressive(gamma, branches, context):
     target = tiny_llama(6, vocab=48)
-    drafter = PromptLookupDrafter(4, 1, weak_ngram=3, weak_tokens=1, recycle_tokens=gamma, recycle_branches=branches,
-                                  recycle_context=context)
+    drafter = PromptLookupDrafter(4, 1, weak_ngram=3, weak_tokens=1,
+                                  recycling=TokenRecycling(gamma, branches=branches, context=context))
     engine = Engine(target, drafter, gamma, GREEDY, 60, [], runner=DynamicTarget(target))
     for seed in (6, 7):  # the recycled table carries over to the second prompt
         prompt = prompt_for(seed, 48, length=20)
         result = engine.generate(prompt)
         assert result.output_ids == autoregressive(target, prompt, 60) == hf_greedy(target, prompt, 60, [])
-    assert drafter.recycled and result.stats.accepted_tokens > 0
+    assert drafter.recycling.table and result.stats.accepted_tokens > 0
 
 
 def test_engine_is_reusable_across_prompts():

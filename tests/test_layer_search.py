@@ -88,7 +88,7 @@ def test_app_writes_a_ready_draft_config(model_dirs, tmp_path):
     assert [len(row["skipped"]) for row in result["trajectory"]] == [1, 2]
     assert [row["exit_layer"] for row in result["early_exit"]] == [2, 1]
     draft = OmegaConf.load(run_dir / "layer-skip-local.yaml")
-    assert draft.kind == "layer_skip" and draft.name == "layer-skip-local" and draft.exit_layer is None
+    assert draft._target_ == "specsweep.drafters.layer_skip.LayerSkipDrafter" and draft.name == "layer-skip-local" and draft.exit_layer is None
     assert draft.skip_layers == result["chosen"]["skipped"]
     assert kept_layers(3, draft.exit_layer, draft.skip_layers)
     assert "search.max_skip=2" in (run_dir / "layer-skip-local.yaml").read_text()  # the command, as a comment

@@ -19,6 +19,7 @@ from specsweep.core.engine import Engine
 from specsweep.core.sampling import Sampling
 from specsweep.core.tree import Tree
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.drafters.recycling import TokenRecycling
 from specsweep.errors import SpecsweepError
 from tests.conftest import bf16_unsupported, tiny_llama
 
@@ -161,8 +162,8 @@ def test_the_bucket_cache_keeps_the_hf_bits_as_it_grows_and_compacts(bf16):
 def test_speculative_decoding_on_the_lean_forward_is_the_targets_own(bf16):
     model, tokenizer = bf16
     eos = models.eos_token_ids(model, tokenizer)
-    best = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=3, recycle_tokens=5, recycle_context=3)
-    recycling_tree = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycle_tokens=3, recycle_branches=3)
+    best = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=3, recycling=TokenRecycling(5, context=3))
+    recycling_tree = PromptLookupDrafter(8, 1, weak_ngram=3, weak_tokens=2, recycling=TokenRecycling(3, branches=3))
     accepted = 0
     for problem in list(read_problems().values())[124:126]:
         ids = tokenizer(problem["prompt"], return_tensors="pt").input_ids

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.drafters.recycling import TokenRecycling
 from specsweep.errors import SpecsweepError
 from specsweep.tools import replay
 
@@ -25,7 +26,7 @@ def test_replay_counts_the_steps_the_engine_would_take():
 def test_replay_feeds_the_targets_choices_to_token_recycling():
     sample = {"prompt_ids": [7], "output_ids": [5, 6, 8, 9, 5, 6, 8, 9]}
     plain = replay.replay(PromptLookupDrafter(3, 1, weak_ngram=4, weak_tokens=0), 4, [sample, sample])
-    recycling = replay.replay(PromptLookupDrafter(3, 1, weak_ngram=4, weak_tokens=0, recycle_tokens=4), 4,
+    recycling = replay.replay(PromptLookupDrafter(3, 1, weak_ngram=4, weak_tokens=0, recycling=TokenRecycling(4)), 4,
                               [sample, sample])
     assert plain["drafted_per_step"] == 0  # every match is weak and proposes nothing
     assert recycling["steps"] < plain["steps"]  # the second prompt reuses what the first one recorded
@@ -39,5 +40,9 @@ def test_replay_command_writes_its_table(tmp_path):
     assert [(r["strategy"], r["tokens_per_step"]) for r in rows] == [("pld", 4.5)]
     with pytest.raises(SpecsweepError, match="model-free"):
         replay.main([str(samples), "--ours", "m=draft=160m"])
+    with pytest.raises(SpecsweepError, match="model-free drafters only: this draft needs the "):
+        replay.main([str(samples), "--ours", "s=draft=layer-skip"])
+    with pytest.raises(SpecsweepError, match="recycling.branches > 1"):
+        replay.main([str(samples), "--ours", "b=experiment=best draft.recycling.branches=2 draft.length_policy=fixed"])
     with pytest.raises(SpecsweepError, match="tree=chain"):
         replay.main([str(samples), "--ours", "t=draft=prompt-lookup tree=binary"])

@@ -20,6 +20,7 @@ from specsweep.core.verify import verify_stochastic
 from specsweep.drafters.bigram import BigramDrafter, BigramTable
 from specsweep.drafters.model import ModelDrafter
 from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+from specsweep.drafters.recycling import TokenRecycling
 from tests.conftest import tiny_llama
 
 V = 6
@@ -103,7 +104,7 @@ def test_engine_samples_from_the_target(monkeypatch, draft_kind):
             return ModelDrafter(draft, sampling, generator)
     elif draft_kind == "recycling":  # deterministic, and learnt from the target's logits as it goes
         def make_drafter(generator):
-            return PromptLookupDrafter(1, 1, weak_ngram=2, weak_tokens=0, recycle_tokens=2)
+            return PromptLookupDrafter(1, 1, weak_ngram=2, weak_tokens=0, recycling=TokenRecycling(2))
     else:  # deterministic: the successor of each token is fixed (one-hot q)
         table = BigramTable(torch.tensor([[3], [0], [5], [1], [2], [4]]), torch.ones(V, 1))
 

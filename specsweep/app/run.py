@@ -30,7 +30,7 @@ from specsweep.core.engine import Engine
 from specsweep.core.sampling import Sampling
 from specsweep.core.stats import summarize
 from specsweep.core.tree import DynamicTreeSpec, Tree
-from specsweep.drafters import BuildContext, build_drafter, check_tree_support, model_paths
+from specsweep.drafters import BuildContext, build_drafter, check_draft, model_paths
 from specsweep.errors import SpecsweepError
 from specsweep.evaluation import pass_at_1
 
@@ -46,13 +46,18 @@ def decoding_settings(cfg: DictConfig) -> tuple[Sampling, Tree | DynamicTreeSpec
         raise SpecsweepError(str(err)) from None
     if cfg.decode.max_new_tokens < 1:
         raise SpecsweepError(f"decode.max_new_tokens must be >= 1, got {cfg.decode.max_new_tokens}")
-    check_tree_support(cfg.draft, shape)
-    policy = cfg.draft.get("length_policy", "fixed")
+    check_draft(cfg.draft, shape)
+    policy = length_policy_name(cfg)
     if policy not in POLICIES:
         raise SpecsweepError(f"draft.length_policy={policy}: choose one of {', '.join(POLICIES)}")
     if policy == "cost" and not (isinstance(shape, Tree) and shape.is_chain):
         raise SpecsweepError("draft.length_policy=cost cuts chains: use tree=chain (tree.depth is the longest draft)")
     return sampling, shape
+
+
+def length_policy_name(cfg: DictConfig) -> str:
+    """``draft.length_policy``: the engine's setting a draft config may carry (absent: fixed)."""
+    return cfg.draft.get("length_policy", "fixed")
 
 
 def shape_record(shape: Tree | DynamicTreeSpec) -> dict:
@@ -106,7 +111,7 @@ def cost_path(cache_dir: Path, key: dict) -> Path:
 def length_policy(cfg: DictConfig, hw: hardware.Hardware, shape: Tree | DynamicTreeSpec) -> LengthPolicy | None:
     """`draft.length_policy: cost`: the policy, its verify-cost curve cached in cache_dir/costs/ for
     this machine, lock, target and hardware profile (None for `fixed`)."""
-    if cfg.draft.get("length_policy", "fixed") != "cost":
+    if length_policy_name(cfg) != "cost":
         return None
     key = cost_key(cfg.target.path, hw)
     return LengthPolicy(VerifyCosts(shape.num_nodes + 1, cost_path(Path(cfg.cache_dir), key), key))

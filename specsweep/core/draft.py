@@ -27,15 +27,31 @@ class Drafter:
     """One draft source. The engine owns the loop; a drafter only proposes and listens.
 
     A run first calls ``prepare(prompts)``. Per prompt the engine calls ``reset(prompt_ids)``, then
-    repeatedly ``propose(ids, k)`` (chains) or ``propose_tree(ids, shape)`` (trees),
-    ``on_verified(accepted)`` and ``on_scored``. ``ids`` [1, L] is every committed token (prompt +
-    output so far); its last token is the root the draft continues. After ``on_verified`` the
-    committed sequence grows by the accepted draft tokens plus the target's own next token.
+    repeatedly ``propose(ids, k)`` (chains) or ``propose_tree(ids, shape)`` (trees), then
+    ``on_scored`` with the target's logits along the accepted path. ``ids`` [1, L] is every
+    committed token (prompt + output so far); its last token is the root the draft continues. After
+    a step the committed sequence grows by the accepted draft tokens plus the target's own next token.
+
+    A draft kind is a subclass plus one YAML in ``conf/draft/`` whose ``_target_`` names it. The
+    class says what it can fill (``fills``) and which of its config keys hold model dirs
+    (``model_paths``); the app reads both before anything loads (`specsweep.drafters`). ``build``
+    makes the drafter from the YAML's other keys.
     """
 
-    #: True when the draft returns the distributions it sampled from (needed for stochastic verification
-    #: to use min(1, p/q); deterministic drafts are treated as one-hot q)
-    samples = False
+    #: the draft shapes it can fill: "chain", "tree" (a fixed shape, `propose_tree`), "dynamic"
+    #: (a `DynamicTreeSpec`, grown by draft probability)
+    fills: tuple[str, ...] = ("chain",)
+    #: config keys holding a model (a local dir or hub id) the app resolves and loads before the build
+    #: (the loaded model: ``ctx.model(key)``)
+    model_paths: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, ctx, **params) -> Drafter:
+        """The drafter of one config: ``params`` are its YAML's keys (all but ``_target_``, ``name``
+        and ``length_policy``, which are the app's), ``ctx`` what it may need of the run
+        (`specsweep.drafters.BuildContext`: target, tokenizer, sampling, generator, hardware, cache
+        dir, loaded draft models). By default the constructor takes the keys themselves."""
+        return cls(**params)
 
     def prepare(self, prompts: list[list[int]]) -> None:
         """Every prompt of the run, before the first is decoded."""
@@ -48,9 +64,6 @@ class Drafter:
 
     def propose_tree(self, ids: torch.Tensor, shape: Tree | DynamicTreeSpec) -> Draft:
         raise SpecsweepError(f"{type(self).__name__} drafts chains only: use tree=chain")
-
-    def on_verified(self, accepted: int) -> None:
-        pass
 
     def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
         """The target's logits [m, V] after each of ``inputs`` [m]: the root and the accepted draft

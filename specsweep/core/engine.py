@@ -173,7 +173,6 @@ class Engine:
                     tops.append(logits[-1].topk(2).values)
             accepted = len(path)
             if draft is not None:
-                self.drafter.on_verified(accepted)
                 # the root's and the accepted nodes' logits (a chain's are the first rows: no copy)
                 scored = logits[:accepted + 1] if draft.tree is None else logits[[0] + [1 + i for i in path]]
                 self.drafter.on_scored(torch.cat([ids[0, cache_len:length], draft.tokens[path]]), scored)

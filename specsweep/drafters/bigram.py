@@ -137,7 +137,17 @@ def load_csdrafting_json(path: str) -> BigramTable:
 
 
 class BigramDrafter(Drafter):
-    """Chains the argmax successor: t -> next(t) -> next(next(t)) ... (deterministic, no model)."""
+    """Chains the argmax successor: t -> next(t) -> next(next(t)) ... (deterministic, no model).
+
+    Config (``conf/draft/bigram.yaml``): ``corpus`` to count in the target's tokenizer (cached in
+    cache_dir/bigram/), or ``table``, a CS-Drafting JSON that overrides it."""
+
+    fills = ("chain", "tree")
+
+    @classmethod
+    def build(cls, ctx, *, corpus, table) -> BigramDrafter:
+        loaded = load_csdrafting_json(table) if table else build_table(ctx.tokenizer, corpus, ctx.cache_dir)
+        return cls(loaded, len(ctx.tokenizer))
 
     def __init__(self, table: BigramTable, vocab_size: int):
         if table.vocab_size != vocab_size:

@@ -1,8 +1,10 @@
 """Cascade Speculative Drafting (Chen et al., CS-Drafting): drafts that are themselves accelerated.
 
-``levels`` lists the drafts from the largest down (e.g. [llama-160m, bigram]); ``k_matrix`` is
-CS-Drafting's n x n matrix. Row 0 is the top-level proposal: its first k[0][0] tokens come from level
-0, the next k[0][1] from level 1, and so on (horizontal cascade: later positions, cheaper drafts).
+``levels`` lists the drafts from the largest down (e.g. [llama-160m, bigram]), each a draft config
+of its own (``_target_``, ``name`` and its class's keys; a model level's path is resolved as
+``draft.levels.<i>.path``). ``k_matrix`` is CS-Drafting's n x n matrix. Row 0 is the top-level
+proposal: its first k[0][0] tokens come from level 0, the next k[0][1] from level 1, and so on
+(horizontal cascade: later positions, cheaper drafts).
 A model level producing tokens is itself sped up by the levels below it, with row/column i+1 onward
 of the matrix as its own k-matrix (vertical cascade): the lower levels propose, the model checks the
 proposal in one forward and keeps its own greedy continuation. The bottom level (a bigram table or
@@ -32,6 +34,18 @@ def check_k_matrix(k_matrix, levels: int) -> list[list[int]]:
 
 
 class CascadeDrafter(Drafter):
+    fills = ("chain",)
+
+    @classmethod
+    def build(cls, ctx, *, levels, k_matrix) -> CascadeDrafter:
+        from specsweep.drafters import build_drafter
+
+        check_k_matrix(k_matrix, len(levels))  # before any level loads a model
+        built = [build_drafter(level, ctx, f"{ctx.prefix}.levels.{i}") for i, level in enumerate(levels)]
+        if any(level is None for level in built):
+            raise SpecsweepError(f"{ctx.prefix}.levels: _target_: null (no draft) cannot be a cascade level")
+        return cls(built, [level.get("name") or type(d).__name__ for level, d in zip(levels, built)], k_matrix)
+
     def __init__(self, levels: list[Drafter], names: list[str], k_matrix):
         if len(levels) < 2:
             raise SpecsweepError("draft=cascade needs at least two levels")

@@ -3,11 +3,14 @@
 Retrieval drafting (He et al., 2024, "REST") continues the current suffix from a corpus instead of
 from the prompt. Here the corpus is what this target itself wrote before: the samples.jsonl of an
 earlier greedy run (its prompts and outputs), so a copied continuation is what the target chose
-after the same words, on other prompts. Two uses by `PromptLookupDrafter`:
+after the same words, on other prompts. A part of prompt lookup (``draft.datastore``, null = off),
+used two ways by `PromptLookupDrafter`:
 
 * when the text itself has no strong match, the continuation after the longest stored n-gram
-  (``min_ngram``..``max_ngram`` tokens) of the text's end;
-* token recycling's table starts filled with the target's recorded choices instead of empty.
+  (``min_ngram``..``max_ngram`` tokens) of the text's end, at most ``tokens`` tokens (null: the
+  step's full depth);
+* token recycling's table (`specsweep.drafters.recycling`) starts filled with the target's
+  recorded choices instead of empty.
 
 A stored output of a prompt the run decodes would hand the drafter the answer: `exclude` leaves
 such entries out before the first prompt (the engine passes every prompt of the run).
@@ -22,10 +25,12 @@ from specsweep.errors import SpecsweepError
 
 
 class Datastore:
-    def __init__(self, path: str | Path, min_ngram: int, max_ngram: int):
+    def __init__(self, path: str | Path, min_ngram: int, max_ngram: int, tokens: int | None = 15):
+        if tokens is not None and tokens < 1:
+            raise ValueError(f"datastore tokens must be >= 1 or null, got {tokens}")
         path = Path(path)
         if not path.is_file():
-            raise SpecsweepError(f"draft.datastore={path}: no such file (a greedy run's samples.jsonl)")
+            raise SpecsweepError(f"draft.datastore.path={path}: no such file (a greedy run's samples.jsonl)")
         self.entries: list[tuple[list[int], list[int]]] = []  # (prompt ids, output ids)
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
@@ -34,12 +39,13 @@ class Datastore:
                 record = json.loads(line)
                 self.entries.append(([int(t) for t in record["prompt_ids"]], [int(t) for t in record["output_ids"]]))
             except (ValueError, KeyError, TypeError) as err:
-                raise SpecsweepError(f"draft.datastore={path}, line {number}: not a sample with prompt_ids and "
+                raise SpecsweepError(f"draft.datastore.path={path}, line {number}: not a sample with prompt_ids and "
                                      f"output_ids ({err})") from None
         if not self.entries:
-            raise SpecsweepError(f"draft.datastore={path}: no samples")
-        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+            raise SpecsweepError(f"draft.datastore.path={path}: no samples")
+        self.min_ngram, self.max_ngram, self.tokens = min_ngram, max_ngram, tokens
         self.excluded = 0
+        self.drafts = 0  # steps drafted from the datastore
         self._index()
 
     def exclude(self, prompts: list[list[int]]) -> None:
@@ -67,6 +73,16 @@ class Datastore:
             if hit is not None:
                 return self.texts[hit[0]][hit[1]:hit[1] + max_tokens]
         return []
+
+    def propose(self, tokens: list[int], max_tokens: int) -> list[int]:
+        """A step's draft from the datastore: the continuation of ``tokens``, at most ``self.tokens``."""
+        stored = self.continuation(tokens, max_tokens if self.tokens is None else min(self.tokens, max_tokens))
+        self.drafts += bool(stored)
+        return stored
+
+    def counters(self) -> dict:
+        return {"datastore_entries": len(self.entries), "datastore_excluded": self.excluded,
+                "datastore_drafts": self.drafts}
 
     def choices(self):
         """(text, start) per entry: from ``start`` on, each token of the text (prompt + output) is

@@ -56,13 +56,21 @@ def skip_view(model: torch.nn.Module, kept: list[int]) -> torch.nn.Module:
     return view
 
 
-def layer_skip_drafter(target, cfg, sampling: Sampling, generator, bool_masks: bool = False) -> ModelDrafter:
-    if not hasattr(target, "model") or not hasattr(target.model, "layers"):
-        raise SpecsweepError(f"draft=layer-skip: {type(target).__name__} has no model.layers to skip")
-    kept = kept_layers(len(target.model.layers), cfg.get("exit_layer"), cfg.get("skip_layers"))
-    try:
-        return ModelDrafter(skip_view(target, kept), sampling, generator,
-                            confidence_threshold=cfg.get("confidence_threshold"),
-                            new_cache=lambda: LayerMapCache(kept), bool_masks=bool_masks)
-    except ValueError as err:
-        raise SpecsweepError(f"draft: {err}") from None
+class LayerSkipDrafter(ModelDrafter):
+    """A `ModelDrafter` over a view of ``target`` that runs only the kept layers: the first
+    ``exit_layer`` (early exit) or all but ``skip_layers`` (exactly one of them is set)."""
+
+    model_paths = ()  # the target is the model
+
+    @classmethod
+    def build(cls, ctx, *, exit_layer, skip_layers, confidence_threshold) -> LayerSkipDrafter:
+        return cls(ctx.target, ctx.sampling, ctx.generator, exit_layer=exit_layer, skip_layers=skip_layers,
+                   confidence_threshold=confidence_threshold, bool_masks=ctx.hardware.bool_masks)
+
+    def __init__(self, target, sampling: Sampling, generator=None, *, exit_layer: int | None, skip_layers,
+                 confidence_threshold: float | None = None, bool_masks: bool = False):
+        if not hasattr(target, "model") or not hasattr(target.model, "layers"):
+            raise SpecsweepError(f"draft=layer-skip: {type(target).__name__} has no model.layers to skip")
+        self.kept = kept_layers(len(target.model.layers), exit_layer, skip_layers)
+        super().__init__(skip_view(target, self.kept), sampling, generator, confidence_threshold,
+                         new_cache=lambda: LayerMapCache(self.kept), bool_masks=bool_masks)

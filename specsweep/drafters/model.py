@@ -22,7 +22,19 @@ class ModelDrafter(Drafter):
     and continuing sequences that a cascade extended tentatively, are the same operation.
     ``confidence_threshold`` stops a proposal early when the draft's top probability falls under it
     (Draft & Verify's adaptive draft length).
+
+    Config (``conf/draft/model.yaml``): ``path``, the model (a local dir or hub id, loaded by the app
+    and refused unless it shares the target's tokenizer), and ``confidence_threshold``.
     """
+
+    fills = ("chain", "tree", "dynamic")
+    model_paths = ("path",)
+
+    @classmethod
+    def build(cls, ctx, *, path, confidence_threshold) -> ModelDrafter:
+        del path  # resolved and loaded by the app (model_paths): ctx.model("path")
+        return cls(ctx.model("path"), ctx.sampling, ctx.generator, confidence_threshold,
+                   bool_masks=ctx.hardware.bool_masks)
 
     def __init__(self, model, sampling: Sampling, generator: torch.Generator | None = None,
                  confidence_threshold: float | None = None, new_cache: Callable[[], DynamicCache] | None = None,
@@ -30,7 +42,7 @@ class ModelDrafter(Drafter):
         if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
         self.model, self.sampling, self.generator = model, sampling, generator
-        self.samples = not sampling.greedy
+        self.stochastic = not sampling.greedy  # sample from q and return it (else greedy, one-hot q)
         self.confidence_threshold = confidence_threshold
         self.new_cache = new_cache or (lambda: DynamicCache(config=model.config))
         self.bool_masks = bool_masks  # tree masks as bool (NPU SDPA) instead of additive float
@@ -80,7 +92,7 @@ class ModelDrafter(Drafter):
         tokens, probs = [], []
         for _ in range(max_tokens):
             logits = self._forward(feed, 1)[-1]
-            if self.samples:
+            if self.stochastic:
                 q = self.sampling.probabilities(logits)
                 token = sample(q, self.generator)
             else:

@@ -10,22 +10,11 @@ cutting the copy at the end of the committed text would propose p tokens there i
 draft (HF's prompt lookup does). On the target's outputs for HumanEval 0..95 the overlap raised
 experiment=best's tokens per step by 3% (2.31 -> 2.38), by 11% on the loop-heavy first 24.
 
-Token recycling (Luo et al., 2024, "Turning Trash into Treasure") fills the steps prompt lookup
-leaves empty or weak. The target's top ``recycle_branches`` choices after every token it scored along
-an accepted path are remembered, kept across prompts. They are keyed by the last
-``recycle_context`` tokens and by each shorter suffix of them; a lookup takes the longest key
-recorded. (Keyed by 3 tokens instead of 1, tokens per step on HumanEval 0..95 rose from 2.73 to
-2.91.) When the match is weak or absent, the draft follows that table's first choices for up to
-``recycle_tokens`` tokens:
-* ``recycle_branches=1``: one chain, the weak match's continuation extended, else the recycled chain
-  after the last token;
-* ``recycle_branches=k>1``: a tree of the weak match's continuation and the k recorded choices after
-  the last token, each extended, verified in one forward (never more nodes than the chain length).
-
-With a ``datastore`` (`specsweep.drafters.datastore`: the target's outputs of an earlier run), a step
-without a strong match first continues the text's end from the datastore, up to ``datastore_tokens``
-tokens (None: the step's full depth), and the recycling table starts with the datastore's recorded
-choices.
+Two parts compose with it through config, each null = off: ``recycling`` (`TokenRecycling`,
+`specsweep.drafters.recycling`: the target's own earlier choices extend a weak or absent match) and
+``datastore`` (`Datastore`, `specsweep.drafters.datastore`: the target's outputs of an earlier run;
+a step without a strong match first continues the text's end from it, and the recycling table
+starts with its recorded choices).
 
 Each draft names its kind (`Draft.kind`) for `draft.length_policy: cost` (`specsweep.core.draft_length`),
 which cuts each chain to the length its kind's acceptance and the verify cost pay for:
@@ -41,9 +30,9 @@ from __future__ import annotations
 import torch
 
 from specsweep.core.draft import Draft, Drafter, fill_tree
-from specsweep.core.sampling import greedy_tokens
-from specsweep.core.tree import Tree
+from specsweep.drafters import BuildContext, build_part
 from specsweep.drafters.datastore import Datastore
+from specsweep.drafters.recycling import TokenRecycling
 
 SUCCESSORS_KEPT = 4  # distinct next tokens remembered per n-gram, for tree drafts
 
@@ -51,29 +40,28 @@ SUCCESSORS_KEPT = 4  # distinct next tokens remembered per n-gram, for tree draf
 class PromptLookupDrafter(Drafter):
     """``weak_ngram``/``weak_tokens``: a match shorter than ``weak_ngram`` tokens is often wrong, so
     it proposes at most ``weak_tokens`` (verifying a token costs the target something even on CPU);
-    a long match proposes the full draft length."""
+    a long match proposes the full draft length. Fixed trees: a node's children are the tokens that
+    followed its longest matching n-grams (recycling extends chains only)."""
+
+    fills = ("chain", "tree")
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, weak_ngram: int = 1, weak_tokens: int | None = None,
-                 recycle_tokens: int = 0, recycle_branches: int = 1, recycle_context: int = 1,
-                 datastore: Datastore | None = None, datastore_tokens: int | None = 15):
+                 recycling: TokenRecycling | None = None, datastore: Datastore | None = None):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if weak_tokens is not None and weak_tokens < 0:
             raise ValueError(f"weak_tokens must be >= 0, got {weak_tokens}")
-        if recycle_tokens < 0 or recycle_branches < 1 or recycle_context < 1:
-            raise ValueError(f"need recycle_tokens >= 0, recycle_branches >= 1 and recycle_context >= 1, "
-                             f"got {recycle_tokens}, {recycle_branches}, {recycle_context}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.weak_ngram, self.weak_tokens = weak_ngram, weak_tokens
-        self.recycle_tokens, self.recycle_branches, self.recycle_context = recycle_tokens, recycle_branches, recycle_context
-        # last 1..recycle_context tokens -> the target's top choices after them (kept across prompts)
-        self.recycled: dict[tuple[int, ...], list[int]] = {}
+        self.recycling, self.datastore = recycling, datastore
         self.tokens: list[int] = []  # the committed text as of the last proposal
-        if datastore_tokens is not None and datastore_tokens < 1:
-            raise ValueError(f"datastore_tokens must be >= 1 or null, got {datastore_tokens}")
-        self.datastore, self.datastore_tokens = datastore, datastore_tokens
         self.warmed = False  # the recycling table holds the datastore's choices
-        self.datastore_drafts = 0  # steps drafted from the datastore
+
+    @classmethod
+    def build(cls, ctx: BuildContext, *, recycling=None, datastore=None, **params) -> PromptLookupDrafter:
+        """The parts' sub-configs (``{_target_: ..., ...}`` or null) instantiated by Hydra."""
+        return cls(recycling=build_part(recycling, ctx, "recycling"), datastore=build_part(datastore, ctx, "datastore"),
+                   **params)
 
     def prepare(self, prompts: list[list[int]]) -> None:
         if self.datastore is not None:
@@ -85,15 +73,8 @@ class PromptLookupDrafter(Drafter):
     def _warm(self) -> None:
         """Fill the recycling table with the datastore's recorded choices (once, before the first prompt)."""
         self.warmed = True
-        if self.recycle_tokens:
-            for text, start in self.datastore.choices():
-                for end in range(start, len(text)):  # the target chose text[end] after text[:end]
-                    self._remember(text, end, [text[end]])
-
-    def _remember(self, text: list[int], end: int, choices: list[int]) -> None:
-        """The target's ``choices`` after ``text[:end]``, keyed by its last 1..recycle_context tokens."""
-        for n in range(1, min(self.recycle_context, end) + 1):
-            self.recycled[tuple(text[end - n:end])] = choices
+        if self.recycling is not None:
+            self.recycling.warm(self.datastore.choices())
 
     def reset(self, prompt_ids: torch.Tensor) -> None:
         if self.datastore is not None and not self.warmed:  # a caller that skipped prepare()
@@ -121,39 +102,14 @@ class PromptLookupDrafter(Drafter):
         self._extend(ids)
         draft, strong, matched = self._lookup(max_tokens)
         if not strong and self.datastore is not None:
-            limit = max_tokens if self.datastore_tokens is None else min(self.datastore_tokens, max_tokens)
-            stored = self.datastore.continuation(self.tokens, limit)
+            stored = self.datastore.propose(self.tokens, max_tokens)
             if stored:
-                self.datastore_drafts += 1
                 return Draft(torch.tensor(stored, dtype=torch.long, device=ids.device), kind="datastore")
-        if strong or not self.recycle_tokens:
+        if strong or self.recycling is None:
             kind = f"{'long' if strong else 'short'}_match:{matched}" if draft else None
             return Draft(torch.tensor(draft, dtype=torch.long, device=ids.device), kind=kind)
-        depth = min(self.recycle_tokens, max_tokens)
-        starts = [[t] for t in self._recycled_after(self.tokens)]
-        if self.recycle_branches == 1:
-            paths = [self._recycle(draft[:depth] or starts[0], depth)] if draft or starts else []
-        else:
-            paths = ([self._recycle(draft[:depth], depth)] if draft else []) + [self._recycle(s, depth) for s in starts]
-        return _trie_draft(paths, max_tokens, ids.device, f"short_match:{matched}" if draft else "recycling")
-
-    def _recycle(self, path: list[int], depth: int) -> list[int]:
-        """``path`` extended to ``depth`` tokens by the target's recorded first choices."""
-        path = list(path)
-        while len(path) < depth:
-            choices = self._recycled_after(self.tokens[-self.recycle_context:] + path)
-            if not choices:
-                break
-            path.append(choices[0])
-        return path
-
-    def _recycled_after(self, context: list[int]) -> list[int]:
-        """The target's recorded choices after the longest recorded suffix of ``context``."""
-        for n in range(min(self.recycle_context, len(context)), 0, -1):
-            choices = self.recycled.get(tuple(context[len(context) - n:]))
-            if choices:
-                return choices
-        return []
+        return self.recycling.propose(self.tokens, draft, max_tokens,
+                                      f"short_match:{matched}" if draft else "recycling", ids.device)
 
     def _lookup(self, max_tokens: int) -> tuple[list[int], bool, int]:
         """The continuation of the longest matching suffix, whether the match was strong, and its
@@ -170,23 +126,11 @@ class PromptLookupDrafter(Drafter):
         return [], False, 0
 
     def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
-        if not self.recycle_tokens:
-            return
-        if self.recycle_branches == 1:
-            choices = greedy_tokens(logits)[:, None].tolist()
-        else:
-            choices = logits.topk(self.recycle_branches, dim=-1).indices.tolist()
-        # inputs[0] is the root, the last token of the text this step's draft was proposed after
-        before = self.tokens[-self.recycle_context:-1] if self.tokens and self.tokens[-1] == inputs[0] else []
-        text = before + inputs.tolist()
-        for end in range(len(before) + 1, len(text) + 1):  # the choices after text[:end]
-            self._remember(text, end, choices[end - len(before) - 1])
+        if self.recycling is not None:
+            self.recycling.observe(self.tokens, inputs, logits)
 
     def counters(self) -> dict:
-        if self.datastore is None:
-            return {}
-        return {"datastore_entries": len(self.datastore.entries), "datastore_excluded": self.datastore.excluded,
-                "datastore_drafts": self.datastore_drafts}
+        return {} if self.datastore is None else self.datastore.counters()
 
     def propose_tree(self, ids: torch.Tensor, shape) -> Draft:
         """A node's children: the tokens that followed its longest matching n-grams, latest first."""
@@ -205,19 +149,3 @@ class PromptLookupDrafter(Drafter):
             return ranked[:k]
 
         return fill_tree(shape, candidates, ids.device)
-
-
-def _trie_draft(paths: list[list[int]], max_nodes: int, device: torch.device, kind: str | None = None) -> Draft:
-    """Token paths merged on common prefixes, the first paths first, at most ``max_nodes`` nodes:
-    a chain Draft for one path, else a tree Draft. Nodes are numbered path by path, so the first
-    path's rows see one unbroken run of keys and need no gather in `row_invariant` attention."""
-    node_of: dict[tuple[int, ...], int] = {}
-    for path in paths:
-        for end in range(1, len(path) + 1):
-            if tuple(path[:end]) not in node_of and len(node_of) < max_nodes:
-                node_of[tuple(path[:end])] = len(node_of)
-    prefixes = list(node_of)  # parents come before their children
-    if all(len(p) == i + 1 for i, p in enumerate(prefixes)):  # a single chain
-        return Draft(torch.tensor(prefixes[-1] if prefixes else [], dtype=torch.long, device=device), kind=kind)
-    tree = Tree(tuple(node_of[p[:-1]] if len(p) > 1 else -1 for p in prefixes))
-    return Draft(torch.tensor([p[-1] for p in prefixes], dtype=torch.long, device=device), tree=tree, kind=kind)

@@ -41,7 +41,7 @@ from specsweep.backends import hardware
 from specsweep.backends.target import DynamicTarget
 from specsweep.core.engine import Engine
 from specsweep.core.sampling import Sampling, greedy_tokens
-from specsweep.drafters.layer_skip import skip_view
+from specsweep.drafters.layer_skip import LayerSkipDrafter, skip_view
 from specsweep.errors import SpecsweepError
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,8 @@ def calibration(target, tokenizer, records: list[dict], prompt_format: str, toke
 
 def draft_config_text(name: str, skipped: list[int], notes: list[str]) -> str:
     header = "".join(f"# {line}\n" for line in notes)
-    return (f"{header}kind: layer_skip\nname: {name}\nexit_layer: null\n"
+    return (f"{header}_target_: {LayerSkipDrafter.__module__}.{LayerSkipDrafter.__qualname__}\n"
+            f"name: {name}\nexit_layer: null\n"
             f"skip_layers: {json.dumps(skipped)}\nconfidence_threshold: null\n")
 
 

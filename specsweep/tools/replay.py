@@ -4,12 +4,12 @@ Under greedy decoding every lossless strategy emits the target's own output, so 
 tokens a step gets accepted depends only on that output and on the drafter. Replaying the drafter
 over a recorded output (a greedy run's samples.jsonl) gives exactly the steps, tokens per step and
 drafted tokens the engine would see, in seconds instead of a decode per configuration. Each step
-is fed back as the engine does: ``on_verified(accepted)``, then ``on_scored`` with the target's
-choices along the accepted path (the next output tokens: the target is greedy).
+is fed back as the engine does: ``on_scored`` with the target's choices along the accepted path
+(the next output tokens: the target is greedy).
 
     python -m specsweep experiment=best draft=none dataset.limit=95 decode.max_new_tokens=200
     python -m specsweep.tools.replay outputs/<date>/<time>/samples.jsonl \\
-        --ours "best=experiment=best" "no-recycling=experiment=best draft.recycle_tokens=0"
+        --ours "best=experiment=best" "no-recycling=experiment=best draft.recycling=null"
 
 Speed then follows from the verify cost of the drafted sizes (a forward over n tokens, in one-token
 steps): with ``--curve`` (a verify-cost curve cached by `draft.length_policy: cost` in
@@ -33,11 +33,23 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from specsweep.app.run import decoding_settings
+from specsweep.app.run import decoding_settings, length_policy_name
 from specsweep.core.draft_length import LengthPolicy, VerifyCosts
 from specsweep.drafters import BuildContext, build_drafter, model_paths
 from specsweep.errors import SpecsweepError
 from specsweep.tools.bench import compose_cfg
+
+
+class Absent:
+    """What replay runs without (the target, its tokenizer, ...): a drafter that uses it is refused."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def _refuse(self, *args, **kwargs):
+        raise SpecsweepError(f"replay runs model-free drafters only: this draft needs the {self.what}")
+
+    __getattr__ = __len__ = __call__ = _refuse
 
 
 def replay(drafter, depth: int, samples: list[dict], policy: LengthPolicy | None = None,
@@ -65,8 +77,7 @@ def replay(drafter, depth: int, samples: list[dict], policy: LengthPolicy | None
                 accepted += 1
             if policy is not None:
                 policy.observe(proposal, accepted, None)
-            if room:  # as in the engine: the hooks follow a proposal
-                drafter.on_verified(accepted)
+            if room:  # as in the engine: the hook follows a proposal
                 chosen = torch.tensor(out[done:done + accepted + 1])  # the target's choices along the path
                 drafter.on_scored(torch.tensor(out[done - 1:done + accepted]),
                                   torch.nn.functional.one_hot(chosen, vocab).float())
@@ -117,18 +128,21 @@ def main(argv=None) -> int:
     for spec in args.ours:
         name, _, overrides = spec.partition("=")
         cfg = compose_cfg(overrides.split())
-        if model_paths(cfg.draft) or cfg.draft.kind == "none":
+        if model_paths(cfg.draft) or cfg.draft._target_ is None:
             raise SpecsweepError(f"{name}: replay runs model-free chain drafters only, not draft={cfg.draft.name}")
         sampling, shape = decoding_settings(cfg)
         if not sampling.greedy or not shape.is_chain:
             raise SpecsweepError(f"{name}: replay needs greedy decoding and tree=chain")
-        if cfg.draft.get("recycle_branches", 1) > 1:  # its branches need the target's second choices
-            raise SpecsweepError(f"{name}: replay knows only the target's first choices, not recycle_branches > 1")
-        drafter = build_drafter(cfg.draft, BuildContext(None, None, sampling, None, None, None, Path(cfg.cache_dir)))
+        absent = [Absent(what) for what in ("target", "tokenizer", "generator", "hardware", "draft models")]
+        drafter = build_drafter(cfg.draft, BuildContext(*absent[:2], sampling, *absent[2:], Path(cfg.cache_dir)))
+        recycling = getattr(drafter, "recycling", None)
+        if recycling is not None and recycling.branches > 1:  # its branches need the target's second choices
+            raise SpecsweepError(f"{name}: replay knows only the target's first choices, not "
+                                 "draft.recycling.branches > 1")
         drafter.prepare([s["prompt_ids"] for s in samples])
         curve = read_curve(args.curve, shape.num_nodes + 1) if args.curve else None
         policy = None
-        if cfg.draft.get("length_policy", "fixed") == "cost":
+        if length_policy_name(cfg) == "cost":
             if curve is None:
                 raise SpecsweepError(f"{name}: draft.length_policy=cost chooses lengths by a verify-cost curve: "
                                      "give --curve")
