@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from specsweep.backends.cache import compact, truncate
+from specsweep.backends.row_invariant import plan_kwargs
 from specsweep.core.draft import Draft, Drafter
 from specsweep.core.sampling import Sampling, greedy_tokens, sample
 from specsweep.core.tree import DynamicTreeSpec, Tree, attention_mask_4d
@@ -80,7 +81,9 @@ class ModelDrafter(Drafter):
         return ids[:, n:]
 
     def _forward(self, feed: torch.Tensor, keep: int) -> torch.Tensor:
-        logits = self.model(input_ids=feed, past_key_values=self.cache, use_cache=True, logits_to_keep=keep).logits
+        plan = plan_kwargs(self.model, cache_len=self.cache.get_seq_length())  # row_invariant: once per forward
+        logits = self.model(input_ids=feed, past_key_values=self.cache, use_cache=True, logits_to_keep=keep,
+                            **plan).logits
         self.cached = torch.cat([self.cached, feed[0]])
         return logits[0]
 
@@ -152,7 +155,7 @@ class ModelDrafter(Drafter):
         position = torch.full((1, len(nodes)), self.root_len - 1 + depth, dtype=torch.long, device=device)
         feed = torch.tensor([[tokens[n] for n in nodes]], dtype=torch.long, device=device)
         out = self.model(input_ids=feed, attention_mask=mask, position_ids=position,
-                         past_key_values=self.cache, use_cache=True)
+                         past_key_values=self.cache, use_cache=True, **plan_kwargs(self.model, mask))
         return out.logits[0]
 
     def _fill(self, root_logits: torch.Tensor, tree: Tree, device) -> Draft:
