@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from specsweep.app import summary
 from specsweep.app.results import ERROR, METRICS, git_commit, write_json
@@ -59,7 +60,10 @@ def app(cfg: DictConfig):
     group = sweep_group(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     (run_dir / ERROR).unlink(missing_ok=True)  # a re-run replaces an earlier failure
     try:
-        return run_job(cfg, run_dir, choices, group)
+        try:
+            return run_job(cfg, run_dir, choices, group)
+        except MissingMandatoryValue as err:  # a `???` in the config the user did not set
+            raise SpecsweepError(f"{err.full_key} is not set: add {err.full_key}=... to the command") from None
     except Exception as err:
         # leave the reason where the sweep summary (and a re-run) will find it
         message = str(err) if isinstance(err, SpecsweepError) else f"{type(err).__name__}: {err}"

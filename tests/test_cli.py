@@ -104,6 +104,7 @@ def test_multirun_summarises_every_job_and_reports_failures(model_dirs, prompts,
     ("dataset.path=/no/such/file.jsonl", "dataset.path=/no/such/file.jsonl: no such file"),
     ("decode.top_p=1.5", "decode.top_p must be in (0, 1]"),
     ("hardware=cuda", "sees no CUDA device"),
+    ("target.path=???", "target.path is not set: add target.path=... to the command"),  # a `???` left unset
 ])
 def test_bad_input_fails_fast_with_one_clear_line(model_dirs, prompts, tmp_path, override, message):
     run_dir = tmp_path / "run"

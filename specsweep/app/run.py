@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -117,13 +118,33 @@ def length_policy(cfg: DictConfig, hw: hardware.Hardware, shape: Tree | DynamicT
     return LengthPolicy(VerifyCosts(shape.num_nodes + 1, cost_path(Path(cfg.cache_dir), key), key))
 
 
-def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None = None) -> dict:
+@dataclass
+class Checked:
+    """A decode job's settings, every one checked before anything is loaded (`check_decode`)."""
+
+    sampling: Sampling
+    shape: Tree | DynamicTreeSpec
+    evaluate: bool
+    prompts: list[dict]
+    hardware: hardware.Hardware
+    model_dirs: dict[str, Path]
+
+
+def check_decode(cfg: DictConfig) -> Checked:
+    """Decode settings, draft and tree pairing, prompts, hardware, tree size and model dirs: what
+    can be checked cheaply, checked (a bad value raises SpecsweepError with one line)."""
     sampling, shape = decoding_settings(cfg)
     evaluate = pass_at_1.enabled(cfg.evaluate, cfg.dataset.name)
     prompts = datasets.load_prompts(cfg.dataset)
     hw = hardware.resolve(cfg.hardware)
     check_tree_fits(hw, shape)
-    model_dirs = resolve_model_dirs(cfg)
+    return Checked(sampling, shape, evaluate, prompts, hw, resolve_model_dirs(cfg))
+
+
+def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None = None) -> dict:
+    checked = check_decode(cfg)
+    sampling, shape, evaluate, prompts = checked.sampling, checked.shape, checked.evaluate, checked.prompts
+    hw, model_dirs = checked.hardware, checked.model_dirs
 
     tokenizer = models.load_tokenizer(model_dirs["target.path"])
     encoded = [datasets.encode_prompt(tokenizer, r, cfg.dataset.prompt_format) for r in prompts]
