@@ -59,8 +59,9 @@ def probe_tree(shape: Tree | DynamicTreeSpec | None) -> Tree | None:
 
 
 def model_fingerprint(model) -> str:
-    """The config and a sample of every parameter's bits: which weights the forwards multiply."""
-    digest = hashlib.sha256(model.config.to_json_string().encode())
+    """Which model the forwards run: its dir, its config (the shapes, which decide the kernels) and a
+    sample of the bits of every tensor in its state dict (prepacked linears keep theirs outside it)."""
+    digest = hashlib.sha256(f"{model.name_or_path}|{model.config.to_json_string()}".encode())
     for name, tensor in list(model.state_dict().items()):
         if tensor is None:
             continue
