@@ -14,10 +14,11 @@ oneDNN product keeps them depends on the kernel the CPU runs: with AMX every sha
 target does for up to 32 rows; with the AVX512-BF16 kernels (AMD Zen 4/5, or
 ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) the 1536->576 product rounds differently from 4 rows on,
 and with emulated bf16 (``AVX512_CORE``) every shape does. Padding a product's rows to a multiple of
-16 gives every row the bits of a 16-row product on all three (tests/test_prepack.py). So each packed
-weight carries a row block, chosen per shape on the machine at load time (`choose_row_block`): the
-smallest of (1, 16, the largest verify) whose padded products keep one-row bits for every row count
-up to the largest verify. The whole forward is then checked by `specsweep.backends.exactness`.
+a small block (2 on both, measured; 16 too) restores one-row bits for every row count up to 32. So
+each packed weight carries a row block, chosen per shape on the machine at load time
+(`choose_row_block`): the smallest of `ROW_BLOCKS` (then the largest verify) whose padded products
+keep one-row bits for every row count up to the largest verify. The whole forward is then checked
+by `specsweep.backends.exactness`.
 """
 
 from __future__ import annotations
@@ -69,14 +70,14 @@ def keeps_row_bits(packed: torch.Tensor, in_features: int, max_rows: int, row_bl
     return all(torch.equal(packed_linear(x[:n], packed, row_block), alone[:n]) for n in range(2, max_rows + 1))
 
 
-_chosen: dict[tuple, int] = {}  # (in, out, max_rows) -> row block, per process: the kernels do not change
+_chosen: dict[tuple, int] = {}  # (in, out, max_rows, threads) -> row block: a process's kernels are fixed but for threads
 
 
 def choose_row_block(packed: torch.Tensor, in_features: int, out_features: int, max_rows: int) -> int:
     """The smallest row block that keeps one-row bits for up to ``max_rows`` rows on this machine
     (`keeps_row_bits` on this packed weight; decided once per shape), else ``max_rows`` (every
     verify product then has one shape; `specsweep.backends.exactness` proves or refuses the whole forward)."""
-    key = (in_features, out_features, max_rows)
+    key = (in_features, out_features, max_rows, torch.get_num_threads())
     if key not in _chosen:
         blocks = [b for b in ROW_BLOCKS if b < max_rows]
         _chosen[key] = next((b for b in blocks if keeps_row_bits(packed, in_features, max_rows, b)), max_rows)
