@@ -30,7 +30,7 @@ from specsweep.core.draft_length import POLICIES, LengthPolicy, VerifyCosts
 from specsweep.core.engine import Engine
 from specsweep.core.sampling import Sampling
 from specsweep.core.stats import summarize
-from specsweep.core.tree import DynamicTreeSpec, Tree
+from specsweep.core.tree import DynamicTreeSpec, Tree, draft_nodes
 from specsweep.drafters import BuildContext, build_drafter, check_draft, model_paths
 from specsweep.errors import SpecsweepError
 from specsweep.evaluation import pass_at_1
@@ -63,9 +63,7 @@ def length_policy_name(cfg: DictConfig) -> str:
 
 def shape_record(shape: Tree | DynamicTreeSpec) -> dict:
     """The draft shape in metrics.json: node budget and depth (what seed 001 plots against)."""
-    if isinstance(shape, DynamicTreeSpec):
-        return {"tree_nodes": shape.budget, "tree_depth": shape.depth}
-    return {"tree_nodes": shape.num_nodes, "tree_depth": shape.depth}
+    return {"tree_nodes": draft_nodes(shape), "tree_depth": shape.depth}
 
 
 def resolve_model_dirs(cfg: DictConfig) -> dict[str, Path]:
@@ -75,8 +73,7 @@ def resolve_model_dirs(cfg: DictConfig) -> dict[str, Path]:
 
 
 def check_tree_fits(hw: hardware.Hardware, shape: Tree | DynamicTreeSpec) -> None:
-    nodes = shape.budget if isinstance(shape, DynamicTreeSpec) else shape.num_nodes
-    hw.check_verify_size(nodes + 1, "tree")  # a verify forward holds the root and every node
+    hw.check_verify_size(draft_nodes(shape) + 1, "tree")  # a verify forward holds the root and every node
 
 
 def load_draft_model(cfg: DictConfig, model_dirs: dict[str, Path], target_tokenizer, hw: hardware.Hardware,

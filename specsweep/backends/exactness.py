@@ -27,7 +27,7 @@ import torch
 
 from specsweep.backends.hardware import Hardware
 from specsweep.backends.machine import machine_fingerprint, machine_info
-from specsweep.core.tree import DynamicTreeSpec, Tree
+from specsweep.core.tree import DynamicTreeSpec, Tree, draft_nodes
 from specsweep.errors import SpecsweepError
 from specsweep.files import write_json
 
@@ -163,7 +163,7 @@ def ensure_exact(runner, model, hw: Hardware, shape: Tree | DynamicTreeSpec | No
     if not hw.exactness_probe or shape is None:
         return None
     tree = probe_tree(shape)
-    nodes = 0 if shape is None else shape.budget if isinstance(shape, DynamicTreeSpec) else shape.num_nodes
+    nodes = draft_nodes(shape)
     largest = max(2, min(nodes + 1, hw.verify_width or hw.max_verify_tokens or nodes + 1))
     key = probe_key(model, hw, largest, tree, lock)
     path = Path(cache_dir) / "exactness" / f"{key}.json"

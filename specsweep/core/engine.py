@@ -16,7 +16,7 @@ from specsweep.core.draft import Draft, Drafter
 from specsweep.core.draft_length import LengthPolicy
 from specsweep.core.runner import Runner
 from specsweep.core.sampling import Sampling, greedy_tokens, sample
-from specsweep.core.tree import DynamicTreeSpec, Tree
+from specsweep.core.tree import DynamicTreeSpec, Tree, draft_nodes
 from specsweep.core.verify import verify_greedy, verify_stochastic, verify_tree_greedy, verify_tree_stochastic
 
 
@@ -82,7 +82,7 @@ class Engine:
             self.shape, self.max_draft = None, 0  # autoregressive: nothing to draft
         else:
             self.shape = Tree.chain(shape) if isinstance(shape, int) else shape
-            self.max_draft = self.shape.budget if isinstance(self.shape, DynamicTreeSpec) else self.shape.num_nodes
+            self.max_draft = draft_nodes(self.shape)
         self.sampling, self.max_new_tokens = sampling, max_new_tokens
         self.eos = set(eos_token_ids)
         self.device = target.device

@@ -331,3 +331,8 @@ def load_paths(path_file: str | Path) -> list:
     if not isinstance(data, list):
         raise TreeError(f"{path}: expected a list of rank paths (or a mapping with `paths`)")
     return data
+
+
+def draft_nodes(shape: Tree | DynamicTreeSpec) -> int:
+    """The most draft tokens one step of ``shape`` holds (the root not counted)."""
+    return shape.budget if isinstance(shape, DynamicTreeSpec) else shape.num_nodes
