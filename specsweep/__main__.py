@@ -15,7 +15,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from specsweep.app import summary
+from specsweep.app import schema, summary
 from specsweep.app.results import ERROR, METRICS, git_commit, write_json
 from specsweep.app.tracking import sweep_group
 from specsweep.errors import SpecsweepError
@@ -36,6 +36,7 @@ def finished(cfg: DictConfig, run_dir: Path) -> dict | None:
 
 
 def run_job(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None):
+    schema.check(cfg)  # types, ranges and choices of the fixed groups, before anything else
     done = finished(cfg, run_dir)
     if done is not None:
         log.info("results for this configuration and code exist in %s: not running it again", run_dir)
