@@ -71,10 +71,35 @@ def run_app(monkeypatch, capsys, tmp_path, *args) -> tuple[int, str]:
     return exit_.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("key, value", CASES, ids=[f"{k}={v}" for k, v in CASES])
-def test_every_bad_value_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, key, value):
-    extra = next((options for prefix, options in OPTIONS.items() if key.startswith(prefix)), [])
-    code, err = run_app(monkeypatch, capsys, tmp_path, *extra, f"{key}={value}")
+def options_for(key: str) -> list[str]:
+    return next((options for prefix, options in OPTIONS.items() if key.startswith(prefix)), [])
+
+
+def test_every_bad_value_is_refused_by_the_schema_in_one_line():
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from specsweep import CONF_DIR
+    from specsweep.errors import SpecsweepError
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):  # one compose per option set
+        base = {tuple(o): compose("config", overrides=o) for o in [[], *OPTIONS.values()]}
+    for key, value in CASES:
+        cfg = base[tuple(options_for(key))].copy()
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, yaml.safe_load(value))  # the value as the command line parses it
+        with pytest.raises(SpecsweepError) as err:
+            schema.check(cfg)
+        assert str(err.value).startswith(f"{key}=") and "\n" not in str(err.value), (key, value, err.value)
+
+
+FIRST_CASES = list({key: (key, value) for key, value in reversed(CASES)}.values())  # one bad value per field
+
+
+@pytest.mark.parametrize("key, value", FIRST_CASES, ids=[f"{k}={v}" for k, v in FIRST_CASES])
+def test_every_field_refuses_through_the_app_with_one_line_and_exit_2(monkeypatch, capsys, tmp_path, key, value):
+    code, err = run_app(monkeypatch, capsys, tmp_path, *options_for(key), f"{key}={value}")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"specsweep: error: {key}=") and "Traceback" not in err, err
