@@ -18,6 +18,8 @@ import pytest
 from specsweep.app import schema
 
 NUMERIC = (int, float)
+# runpy runs `python -m specsweep` in this process, where the test already imported specsweep.__main__
+pytestmark = pytest.mark.filterwarnings("ignore:.specsweep.__main__. found in sys.modules:RuntimeWarning")
 
 
 def invalid_values(cls, f) -> list[str]:
