@@ -102,7 +102,7 @@ def test_multirun_summarises_every_job_and_reports_failures(model_dirs, prompts,
     ("draft=nonexistent", "Could not find 'draft/nonexistent'"),
     ("draft.path=/no/such/model", "draft.path=/no/such/model: no such model directory"),
     ("dataset.path=/no/such/file.jsonl", "dataset.path=/no/such/file.jsonl: no such file"),
-    ("decode.top_p=1.5", "decode.top_p must be in (0, 1]"),
+    ("decode.top_p=1.5", "decode.top_p=1.5: must be <= 1.0"),
     ("hardware=cuda", "sees no CUDA device"),
     ("target.path=???", "target.path is not set: add target.path=... to the command"),  # a `???` left unset
 ])
