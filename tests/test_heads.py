@@ -226,3 +226,27 @@ def test_teacher_forcing_right_padding_changes_no_row(target):
     for (h1, c1), (h2, c2) in zip(together, alone):
         torch.testing.assert_close(h1.float(), h2.float(), rtol=1e-2, atol=1e-2)
         assert torch.equal(c1, c2)
+
+
+def test_two_chains_merge_into_a_trie():
+    from specsweep.drafters.union import merge
+
+    assert merge([1, 2, 3], [1, 2, 3, 4], 8) == ([1, 2, 3, 4], None)  # the second extends the first
+    assert merge([], [5, 6], 8) == ([5, 6], None)
+    tokens, tree = merge([1, 2, 3], [1, 7, 8], 8)
+    assert tokens == [1, 2, 3, 7, 8] and tree.parents == (-1, 0, 1, 0, 3) and tree.ranks == (0, 0, 0, 1, 0)
+    tokens, tree = merge([1, 2, 3], [4], 3)  # no room left for the second
+    assert tokens == [1, 2, 3] and tree is None
+
+
+def test_heads_and_prompt_lookup_merged_are_the_targets_own_output(trained, target):
+    from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+    from specsweep.drafters.union import UnionDrafter
+
+    kind, network, vocab = trained[:3]
+    prompt = torch.cat([PROMPTS[:1], PROMPTS[:1]], 1)  # a repeat for the lookup to find
+    reference = decode(target, None, 1, prompt).output_ids
+    union = UnionDrafter(PromptLookupDrafter(3, 1), drafter(kind, target, network, vocab, 3, Sampling()), 8)
+    result = decode(target, union, 8, prompt)
+    assert result.output_ids == reference
+    assert union.trees > 0 and result.stats.accepted_tokens > 0

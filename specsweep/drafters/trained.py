@@ -83,7 +83,7 @@ class HeadsDrafter(Drafter):
             return Draft(ids.new_empty(0))
         probs = None if self.sampling.greedy else []
         tokens = list(self._chain(ids[0, -1], n, lambda logits: self._choose(logits, probs)))
-        return Draft(torch.stack(tokens), torch.stack(probs) if probs else None)
+        return Draft(torch.stack(tokens), torch.stack(probs) if probs else None, kind=self.kind)
 
     def _choose(self, logits: torch.Tensor, probs: list | None) -> torch.Tensor:
         """The token a chain takes from one head's logits [V']: greedy, or sampled from q, which is
