@@ -61,7 +61,8 @@ def predict(samples: list[dict], seconds: dict[int, float], path: Path | None) -
     ratios = {m: t / t1 for m, t in seconds.items()}
     drafted = [s.get("drafted_per_step") or [] for s in samples]
     accepted = [s.get("accepted_per_step") or [] for s in samples]
-    draft_steps = sum(s.get("draft_s", 0.0) for s in samples) / t1
+    # autoregressive runs (no curve path): their "draft" span is loop bookkeeping, not drafting
+    draft_steps = 0.0 if path is None else sum(s.get("draft_s", 0.0) for s in samples) / t1
     return {"speedup": curve_speedup(drafted, accepted, ratios),
             "speedup_with_draft": curve_speedup(drafted, accepted, ratios, draft_steps),
             "t1_ms": None if path is None else t1 * 1e3, "rows": max(seconds), "curve": None if path is None else str(path)}

@@ -9,6 +9,7 @@ against the draft=none run's) goes into summary.csv, the table, and its metrics.
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -161,7 +162,8 @@ class SweepSummary(Callback):
         record_audits(jobs)
         rows = summary_rows(jobs)
         path = write_summary(sweep_dir, rows)
-        console = Console()
+        # a terminal keeps its width; piped output (logs, SLURM) gets room for the intervals
+        console = Console(width=None if sys.stdout.isatty() else 220)
         console.print(summary_table(rows))
         console.print(f"summary: {path}; each job's metrics.json and samples.jsonl: {sweep_dir}/<job>/; "
                       f"a report with plots: python -m specsweep report {sweep_dir}")
