@@ -717,7 +717,9 @@ def publish_wandb(markdown: str, jobs: list[Job], sweep_dirs: list[Path], projec
               wr.BarPlot(title="pass@1", metrics=["evaluation/pass_at_1"]),
               wr.ScatterPlot(title="acceptance rate vs draft tokens", x="tree_nodes", y="acceptance_rate"),
               wr.ScatterPlot(title="acceptance length vs draft tokens", x="tree_nodes", y="acceptance_length"),
-              wr.BarPlot(title="time breakdown (s)", metrics=list(TIME_PARTS))]
+              wr.BarPlot(title="time breakdown (s)", metrics=list(TIME_PARTS)),
+              wr.BarPlot(title="per-position acceptance α_1..α_4", metrics=[f"alpha_by_position/{k}" for k in range(1, 5)]),
+              wr.BarPlot(title="predicted speedup (verify-cost curve)", metrics=["predicted/speedup"])]
     body = re.sub(r"!\[[^\]]*\]\([^)]*\)\n?", "", markdown)  # the PNGs are local files
     try:
         report = wr.Report(entity=entity, project=project, title="specsweep report",
