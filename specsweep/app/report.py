@@ -270,6 +270,15 @@ def predicted(job: Job) -> float | None:
     return (job.value("predicted") or {}).get("speedup")
 
 
+def predicted_cell(job: Job) -> str:
+    """``1.74x / 0.45x``: predicted with drafting free / at its measured time (one number where they agree)."""
+    record = job.value("predicted") or {}
+    free, paid = record.get("speedup"), record.get("speedup_with_draft")
+    if free is None or paid is None or f"{free:.2f}" == f"{paid:.2f}":
+        return _fmt(free, 2, "x")
+    return f"{free:.2f}x / {paid:.2f}x"
+
+
 def _machine(job: Job) -> str | None:
     return _get(job.metrics, "hardware", "device_name") or job.value("host")
 
@@ -375,16 +384,23 @@ def strategy_table(jobs: list[Job]) -> list[str]:
             speedup = (with_interval(j.speedup, interval(j, "speedup"), 2, "x")
                        + (f" (baseline: {j.baseline_sweep})" if j.baseline_sweep else ""))
             rows.append([j.target, strategy(j), with_interval(j.value("tokens_per_s"), interval(j, "tokens_per_s")),
-                         speedup, _fmt(predicted(j), 2, "x"),
+                         speedup, predicted_cell(j),
                          with_interval(j.value("acceptance_rate"), interval(j, "acceptance_rate"), 3),
                          with_interval(j.value("acceptance_length"), interval(j, "acceptance_length"), 3),
                          _fmt(j.value("tokens_per_target_forward")), alpha_cell(j), pass_at_1(j),
-                         j.value("new_tokens"), j.name, lossless(j), ", ".join(j.indistinct) or "-"])
+                         j.value("new_tokens"), j.name, lossless(j), indistinct_cell(j)])
         else:
             rows.append([j.target, strategy(j), f"**{j.status}**", *[""] * 9, j.name, "", ""])
     return _table(["target", "strategy", "tokens/s", "speedup", "predicted", "acceptance rate", "acceptance length",
                    "tokens/target forward", "α1 α2 α3 α4", "pass@1", "new tokens", "job", "lossless",
                    "not distinguishable from"], rows)
+
+
+def indistinct_cell(job: Job) -> str:
+    """The same sweep's runs this one is not distinguishable from, and how many of other sweeps."""
+    here = [name for name in job.indistinct if "/" not in name]
+    others = len(job.indistinct) - len(here)
+    return ", ".join(here + ([f"+{others} in other sweeps"] if others else [])) or "-"
 
 
 def pass_at_1(job: Job) -> str:
@@ -492,7 +508,7 @@ def acceptance_table(jobs: list[Job]) -> list[str]:
                      with_interval(j.value("acceptance_length"), interval(j, "acceptance_length"), 3),
                      alpha_cell(j), _fmt(j.value("off_top_share"), 2),
                      with_interval(j.value("tokens_per_s"), interval(j, "tokens_per_s")),
-                     with_interval(j.speedup, interval(j, "speedup"), 2, "x"), _fmt(predicted(j), 2, "x"),
+                     with_interval(j.speedup, interval(j, "speedup"), 2, "x"), predicted_cell(j),
                      f"{j.sweep}/{j.name}"])
     return _table(["target", "draft", "shape", "tree", "draft tokens (nodes)", "drafted per step",
                    "acceptance rate", "acceptance length", "α1 α2 α3 α4", "off-top share", "tokens/s", "speedup",
@@ -606,7 +622,7 @@ def plot_prompt_speedups(jobs: list[Job], path: Path) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(paired)))
     data = [[x for _, x in j.uncertainty["prompt_speedups"]] for j in paired]
-    ax.boxplot(data, vert=False, widths=0.5, showfliers=False)
+    ax.boxplot(data, orientation="horizontal", widths=0.5, showfliers=False)
     for i, values in enumerate(data, 1):
         ax.scatter(values, [i] * len(values), s=12, alpha=0.6, color=["C3" if x < 1 else "C0" for x in values])
     ax.axvline(1.0, color="k", linewidth=0.8, linestyle="--")
@@ -644,8 +660,8 @@ def build_report(jobs: list[Job], sweep_dirs: list[Path], out_dir: Path) -> str:
              "one's by less than the interval of that difference (paired the same way: it holds 0); the "
              "baseline itself is listed when the speedup's interval holds 1. predicted = the speedup the run's "
              "measured acceptance predicts on the machine's cached verify-cost curve t(n)/t(1): "
-             "sum(accepted + 1) / sum t(draft + 1)/t(1) over its steps (drafting taken as free; prefill left "
-             "out). α_k = accepted_k / offered_k: how often draft position k (a tree's depth k) was accepted "
+             "sum(accepted + 1) / sum t(draft + 1)/t(1) over its steps, with drafting free / at its measured "
+             "time (one number where they agree; prefill left out). α_k = accepted_k / offered_k: how often draft position k (a tree's depth k) was accepted "
              "when positions 1..k-1 were; off-top share = the share of tree steps with an accepted token whose "
              "accepted path leaves the top-ranked child somewhere.", ""]
     for label in dict.fromkeys(j.sweep for j in jobs):
