@@ -173,7 +173,7 @@ def test_report_leads_with_intervals_alpha_k_and_paired_speedups(tmp_path):
     # every prompt exactly 2x: a zero-width interval, the predicted speedup beside it; jobs 1 and 3 are the
     # same, job 2 differs on one prompt of six (a resample without it shows no difference): none told apart,
     # while each differs from the baseline
-    assert ("| prompt-lookup, chain γ=4 | 48.00 [43.64, 53.33] | 2.00x [2.00, 2.00] | 2.40x | 0.550 [0.550, 0.550] "
+    assert ("| prompt-lookup, chain γ=4 | 48.00 [43.64, 53.33] | 2.00x [2.00, 2.00] | 2.40x / 2.30x | 0.550 [0.550, 0.550] "
             "| 2.200 [2.200, 2.200] | 3.200 | 0.80 0.75 0.67 1.00 | - | 144 | 1 | exact | 2, 3 |") in text
     assert "| bigram, chain γ=4 | 38.40 [27.16, 52.36] | 1.60x [1.13, 2.00] | - |" in text
     assert "| 144 | 0 | reference | - |" in text
