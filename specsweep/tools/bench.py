@@ -258,7 +258,7 @@ def write(out: Path, rows: list[dict], argv, prompts: int, args, hw) -> None:
             "machine": f"{env['cpu'] or platform.machine()}, {env['cpu_count']} cores, "
                        f"torch {env['torch']} ({torch.get_num_threads()} threads), {hw.describe()['device']}",
             "hardware": hw.describe(), "git_commit": env["git_commit"], "environment": env, "prompts": prompts,
-            "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "rows": rows}
+            "max_new_tokens": args.max_new_tokens, "repeats": getattr(args, "repeats", 1), "rows": rows}
     (out / f"speed_{stamp}.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
 
 
