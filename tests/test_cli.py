@@ -123,9 +123,9 @@ def test_multirun_summarises_every_job_and_reports_failures(model_dirs, prompts,
     ("draft=nonexistent", "Could not find 'draft/nonexistent'"),
     ("draft.path=/no/such/model", "draft.path=/no/such/model: no such model directory"),
     ("dataset.path=/no/such/file.jsonl", "dataset.path=/no/such/file.jsonl: no such file"),
-    ("decode.top_p=1.5", "decode.top_p must be in (0, 1]"),
+    ("decode.top_p=1.5", "decode.top_p=1.5: must be <= 1.0"),
     ("hardware=cuda", "sees no CUDA device"),
-    ("repeats=0", "repeats=0: must be an integer >= 1"),
+    ("repeats=0", "repeats=0: must be >= 1"),  # the schema's refusal
     ("target.path=???", "target.path is not set: add target.path=... to the command"),  # a `???` left unset
 ])
 def test_bad_input_fails_fast_with_one_clear_line(model_dirs, prompts, tmp_path, override, message):

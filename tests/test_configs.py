@@ -13,6 +13,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from specsweep import CONF_DIR
 from specsweep.__main__ import find_job
+from specsweep.app import schema
 from specsweep.app.run import check_decode, run_decode
 from specsweep.errors import SpecsweepError
 from tests.conftest import CACHE_DIR
@@ -48,6 +49,7 @@ def test_every_config_composes_and_passes_the_checks(group, name):
     expected = REFUSALS.get((group, name))
     if (group, name) == ("hardware", "cuda") and torch.cuda.is_available():
         expected = None
+    schema.check(cfg)  # every shipped config passes the typed schemas
     job = find_job(cfg.job)  # every job names a function that exists
     if job is not run_decode:  # an experiment's own job checks its own settings
         assert OmegaConf.to_container(cfg, resolve=True)

@@ -235,3 +235,63 @@ def test_forced_level_is_validated(fresh_level):
     fresh_level.setenv("SPECSWEEP_SANDBOX", "bogus")
     with pytest.raises(ValueError):
         sandbox.isolation_level()
+
+
+# --- the allowlist --------------------------------------------------------------------------
+
+@pytest.fixture
+def outside_file():
+    """A world-readable file of "another repository" in a dir this test creates under /srv (or /opt)."""
+    for base in ("/srv", "/opt"):
+        try:
+            d = Path(base) / f"specsweep-other-repo-{secrets.token_hex(4)}"
+            d.mkdir(mode=0o755)
+            break
+        except OSError:
+            continue
+    else:
+        pytest.skip("neither /srv nor /opt is writable here")
+    secret = d / "secret.txt"
+    secret.write_text("not yours\n")
+    secret.chmod(0o644)
+    yield secret
+    subprocess.run(["rm", "-rf", str(d)], check=False)
+
+
+def allowlist_levels() -> list[str]:
+    """The allowlist levels that work on this machine (both where root has bwrap and util-linux)."""
+    return [level for level in sandbox.PROTECTS_PROJECT if not sandbox._probe(level)]
+
+
+def test_world_readable_files_outside_the_allowlist_are_unreadable(protected, outside_file):
+    levels = allowlist_levels()
+    assert protected in levels
+    for level in levels:
+        program = (f"import os\nprint('listing', sorted(os.listdir('/')))\n"
+                   f"for p in [{str(outside_file)!r}, '/etc/passwd', {str(REPO / 'README.md')!r}]:\n"
+                   "    try:\n        open(p).read(); print('GOT', p)\n    except OSError as e:\n        print('no', p, e)\n")
+        r = sandbox.run_python(program, level=level)
+        assert r.returncode == 0 and "GOT" not in r.stdout, (level, r)
+        assert r.stdout.count("No such file") == 3, (level, r.stdout)
+        top = eval(r.stdout.splitlines()[0].removeprefix("listing "))  # noqa: S307 (our own output)
+        assert not {"etc", "srv", "opt", "home", "work", "var"} & set(top), (level, top)
+
+
+def test_the_fallback_keeps_the_guarantees_of_bwrap(fresh_level, outside_file):
+    """util-linux unshare + pivot_root (no bwrap): the hostile completion is held the same way."""
+    if os.geteuid() != 0 and "userns" not in allowlist_levels():
+        pytest.skip("no user namespaces here")
+    fallback = "namespaces" if os.geteuid() == 0 else "userns"
+    fresh_level.setenv("SPECSWEEP_SANDBOX", fallback)
+    assert sandbox.isolation_level() == fallback
+    r = score(P0, f"    open({str(outside_file)!r}).read()\n" + CANONICAL_P0)
+    assert not r["passed"] and "No such file" in r["result"] and r["isolation"] == fallback
+    assert score(P0, CANONICAL_P0)["passed"]
+
+
+def test_what_generated_code_prints_or_raises_is_bounded():
+    flood = "    import sys\n    sys.__stdout__.write('x' * 10_000_000)\n    raise ValueError('y' * 1_000_000)\n"
+    r = score(P0, flood)
+    assert not r["passed"] and r["result"].startswith("failed: ") and len(r["result"]) <= 300
+    out = sandbox.run_python("import sys\nsys.stdout.write('z' * 5_000_000)\n")
+    assert len(out.stdout) <= 16 * 1024 and out.stdout.endswith("z")

@@ -14,7 +14,7 @@ from specsweep.app import report
 from specsweep.core.engine import SampleStats
 from specsweep.core.stats import summarize
 from specsweep.errors import SpecsweepError
-from specsweep.evaluation import pass_at_1
+from specsweep.evaluation import pass_at_1, sandbox
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TREES = {"chain4": {"name": "chain", "shape": "chain", "depth": 4},
@@ -243,7 +243,7 @@ def test_score_samples_merges_per_sample_results_and_a_summary():
     assert fields[0]["completion"] == problems[0]["canonical_solution"] + "\n"  # cut at the next top-level def
     assert fields[1]["result"].startswith("failed")
     assert summary["pass_at_1"] == pytest.approx(2 / 3) and summary["evaluated"] == 3
-    assert summary["isolation"] in ("namespaces", "userns", "uid", "process")
+    assert summary["isolation"] in sandbox.LEVELS
 
 
 def test_chat_replies_are_scored_as_a_redefinition():

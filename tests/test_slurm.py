@@ -125,3 +125,71 @@ def test_specsweep_sweep_through_slurm_keeps_failures_and_resumes(slurm_cluster,
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["ok"] * 4
     assert {job: p.stat().st_mtime_ns for job, p in done.items()} == stamps  # finished jobs were not redone
+
+
+def _job_ids(sweep_dir: Path) -> list[str]:
+    """SLURM job ids of the sweep's array tasks, from submitit's folder (``<array>_<task>``)."""
+    return sorted({p.name.split("_submission")[0] for p in (sweep_dir / ".submitit").glob("*/*_submission.sh")})
+
+
+def _running_job_ids(sweep_dir: Path) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout.split("\n")
+    running = {line.split()[0] for line in out if line.strip().endswith("RUNNING")}
+    return [j for j in running if any(j.startswith(k.split("_")[0]) for k in _job_ids(sweep_dir))]
+
+
+@pytest.mark.parametrize("interrupt", ["preempted", "timed-out"])
+def test_a_preempted_or_timed_out_job_is_requeued_and_resumes_at_its_next_sample(slurm_cluster, model_dirs,
+                                                                                 tmp_path, interrupt):
+    """SLURM's signals mid-job, as submitit's own `_interrupt` sends them (preemption: SIGTERM then
+    USR2; the time limit: USR2): the job checkpoints, is requeued, and its final samples are an
+    uninterrupted run's."""
+    import threading
+    import time
+
+    from specsweep.app.resume import read_samples
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                               ("def add(a, b):\n    return", "import os\nimport", "for i in range(", "x = [1, 2,",
+                                "class A:\n    def", "print(")))
+    common = ["target=local", f"target.path={model_dirs['target']}", "dataset=jsonl", f"dataset.path={prompts}",
+              "draft=none", "decode.max_new_tokens=200", "hardware=cpu", f"cache_dir={tmp_path / 'cache'}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k in ("SLURM_CONF", "SLURM_CLUSTERS")}
+    local = tmp_path / "local"
+    proc = subprocess.run([sys.executable, "-m", "specsweep", *common, f"hydra.run.dir={local}"], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    reference = read_samples(local / "samples.jsonl")[0]
+
+    sweep_dir = tmp_path / "sweep"
+    samples_file = sweep_dir / "0" / "samples.jsonl"
+    signalled = []
+
+    def interrupt_after_the_first_sample():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            running = _running_job_ids(sweep_dir)
+            if running and len(read_samples(samples_file)[0]) >= 1:
+                signals = (["SIGTERM"] if interrupt == "preempted" else []) + ["USR2"]
+                for sig in signals:
+                    subprocess.run(["scancel", "--signal", sig, running[0]], check=True)
+                signalled.append(len(read_samples(samples_file)[0]))
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=interrupt_after_the_first_sample, daemon=True)
+    watcher.start()
+    cmd = [sys.executable, "-m", "specsweep", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep_dir}",
+           "hydra.launcher.timeout_min=10", "hydra.launcher.mem_gb=2", *common]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    watcher.join(timeout=5)
+    assert signalled, f"the job ended before it could be signalled\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = read_samples(samples_file)[0]
+    keys = ("task_id", "output_ids", "new_tokens", "prompt_ids")
+    assert [[s[k] for k in keys] for s in samples] == [[s[k] for k in keys] for s in reference]
+    metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    starts = metrics["resume"]["starts"]
+    assert len(starts) == 2 and starts[1]["slurm_restart_count"] == 1, starts
+    assert metrics["resume"]["resumed_samples"] >= 1 and sum(metrics["resume"]["samples_per_start"]) == 6

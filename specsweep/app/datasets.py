@@ -23,11 +23,10 @@ def load_prompts(cfg) -> list[dict]:
     if cfg.prompt_format not in ("plain", "chat"):
         raise SpecsweepError(f"dataset.prompt_format={cfg.prompt_format}: choose plain or chat")
     start = cfg.offset or 0
+    if start >= len(records):
+        raise SpecsweepError(f"dataset.offset={start}: past the end of {cfg.name} ({len(records)} prompts)")
     stop = None if cfg.limit is None else start + cfg.limit
-    records = records[start:stop]
-    if not records:
-        raise SpecsweepError(f"dataset {cfg.name}: no prompts left after offset={start}, limit={cfg.limit}")
-    return records
+    return records[start:stop]
 
 
 def _read_jsonl(path: str) -> list[dict]:

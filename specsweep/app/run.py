@@ -21,7 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from specsweep.app import datasets, models, prediction, uncertainty
-from specsweep.app.results import METRICS, SAMPLES, environment, lock_hash, machine_fingerprint, write_json, write_jsonl
+from specsweep.app import resume as resumption
+from specsweep.app.results import METRICS, SAMPLES, environment, git_commit, lock_hash, machine_fingerprint, write_json, write_jsonl
+from specsweep.app.signals import sigterm_raises
 from specsweep.app.tracking import make_tracker
 from specsweep.backends import exactness, hardware
 from specsweep.backends.prepack import row_blocks
@@ -141,8 +143,19 @@ def check_decode(cfg: DictConfig) -> Checked:
 
 def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None = None) -> dict:
     checked = check_decode(cfg)
+    with sigterm_raises():  # SIGTERM unwinds the job: finished samples stay, W&B and sandboxes close
+        return decode(cfg, checked, run_dir, choices, group)
+
+
+def decode(cfg: DictConfig, checked: Checked, run_dir: Path, choices: dict, group: str | None) -> dict:
     sampling, shape, evaluate, prompts = checked.sampling, checked.shape, checked.evaluate, checked.prompts
     hw, model_dirs = checked.hardware, checked.model_dirs
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    # samples.jsonl of the same config, commit and lock: continue after its last finished sample
+    repeats = uncertainty.repeats_setting(cfg)
+    order = uncertainty.schedule(len(prompts), repeats)  # (repeat, prompt index) in decode order
+    resume = resumption.begin(run_dir, {"config": resolved, "git_commit": git_commit(), "lock_sha256": lock_hash()},
+                              [prompts[i] for _, i in order])
 
     tokenizer = models.load_tokenizer(model_dirs["target.path"])
     encoded = [datasets.encode_prompt(tokenizer, r, cfg.dataset.prompt_format) for r in prompts]
@@ -159,15 +172,17 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None 
     seconds = (prediction.verify_curve(curve_path, key, engine.max_draft + 1, engine.runner,
                                        torch.tensor([encoded[0]], device=hw.device), hw.device)
                if drafter is not None and encoded else {1: 1.0})  # autoregressive: t(1)/t(1) is all it uses
-    repeats = uncertainty.repeats_setting(cfg)
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     header = {**shape_record(shape), "config": resolved, "choices": choices, "hardware": hw.describe(),
               "row_blocks": row_blocks(target), "exactness": probe, **environment()}
-    samples, stats = [], []
+    samples = resume.samples
+    stats = [resumption.stats_of(s) for s in samples]  # resumed samples count with their own timings
     with make_tracker(cfg.logger, resolved, choices, run_dir, group) as tracker, _progress() as progress:
-        task = progress.add_task("decoding", total=len(prompts) * repeats, rate="")
-        for count, (repeat, index) in enumerate(uncertainty.schedule(len(prompts), repeats)):
+        task = progress.add_task("decoding", total=len(order), completed=len(samples), rate="")
+        for count, sample in enumerate(samples):
+            tracker.log_sample(count, sample)  # this start's W&B run holds the whole series
+        for count in range(len(samples), len(order)):
+            repeat, index = order[count]
             record, prompt_ids = prompts[index], encoded[index]
             generator.manual_seed(cfg.seed + index)  # each sample reproducible on its own (every repeat alike)
             ids = torch.tensor([prompt_ids], dtype=torch.long, device=hw.device)
@@ -180,6 +195,7 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None 
                 "output_ids": result.output_ids,
                 "text": tokenizer.decode(result.output_ids, skip_special_tokens=True),
                 **vars(result.stats),
+                "start": resume.start,  # the process start that decoded it (metrics.json: resume.starts)
                 # draft=none runs: the target's top-2 logit margins, the reference of the sweep's audit
                 **({"margins": result.margins, "top_logits": result.top_logits} if result.margins is not None else {}),
             })
@@ -188,7 +204,7 @@ def run_decode(cfg: DictConfig, run_dir: Path, choices: dict, group: str | None 
             progress.update(task, advance=1, rate=f"{summarize(stats)['tokens_per_s']:.1f} tok/s")
 
         metrics = {**summarize(stats), "repeats": repeats, "draft_counters": drafter.counters() if drafter else {},
-                   **header}
+                   **header, "resume": resume.record()}
         metrics["predicted"] = prediction.predict(samples, seconds, curve_path if drafter is not None else None)
         if engine.length_policy is not None:  # the curve used, the lengths chosen; the refined curve cached
             metrics["draft_length"] = engine.length_policy.record()

@@ -30,6 +30,9 @@ class Tracker:
     def log_sample(self, index: int, sample: dict) -> None:
         pass
 
+    def log(self, row: dict, step: int) -> None:
+        """Any numbers at a step (e.g. a trainer's loss)."""
+
     def finish(self, metrics: dict, samples: list[dict]) -> None:
         pass
 
@@ -44,14 +47,15 @@ class NullTracker(Tracker):
     """logger=none: log nothing."""
 
 
-def make_tracker(cfg_logger, cfg_resolved: dict, choices: dict, run_dir: Path, group: str | None) -> Tracker:
+def make_tracker(cfg_logger, cfg_resolved: dict, choices: dict, run_dir: Path, group: str | None,
+                 job_type: str = "decode") -> Tracker:
     """The tracker for the `logger` config group; bad settings stop the run before any model loads."""
     if cfg_logger.name == "none":
         return NullTracker()
     if cfg_logger.name == "wandb":
         if cfg_logger.mode not in MODES:
             raise SpecsweepError(f"logger.mode={cfg_logger.mode}: choose one of {', '.join(MODES)}")
-        return WandbTracker(cfg_logger, cfg_resolved, choices, Path(run_dir), group)
+        return WandbTracker(cfg_logger, cfg_resolved, choices, Path(run_dir), group, job_type=job_type)
     raise SpecsweepError(f"logger={cfg_logger.name}: unknown logger (none, wandb)")
 
 
@@ -59,7 +63,7 @@ class WandbTracker(Tracker):
     """One W&B run per job. ``backend`` is the wandb module (replaceable in tests)."""
 
     def __init__(self, cfg_logger, cfg_resolved: dict, choices: dict, run_dir: Path, group: str | None,
-                 backend=None):
+                 backend=None, job_type: str = "decode"):
         self.wandb = backend
         self.run = None
         self._call("import wandb", self._import)
@@ -69,7 +73,7 @@ class WandbTracker(Tracker):
         tags = [f"{k}={choices[k]}"[:64] for k in TAGGED_CHOICES if choices.get(k)]  # W&B caps tags at 64
         self.run = self._call("wandb.init", lambda: self.wandb.init(
             project=cfg_logger.project, entity=cfg_logger.entity, mode=cfg_logger.mode, dir=str(wandb_dir),
-            group=group, job_type="decode", name=_run_name(choices, run_dir, group), tags=tags,
+            group=group, job_type=job_type, name=_run_name(choices, run_dir, group), tags=tags,
             config={**cfg_resolved, "choices": choices},
             # create_new: never hand back a previous job's unfinished run (multiruns share a process);
             # console off: W&B must not wrap stdout under the rich progress bar
@@ -96,6 +100,10 @@ class WandbTracker(Tracker):
         row.update({f"sample/{k}": v for k, v in _sample_rates(sample).items() if v is not None})
         self._call(f"log sample {index}", lambda: self.run.log(row, step=index))
 
+    def log(self, row: dict, step: int) -> None:
+        if self.run is not None:
+            self._call(f"log step {step}", lambda: self.run.log(row, step=step))
+
     def finish(self, metrics: dict, samples: list[dict]) -> None:
         if self.run is None:
             return
@@ -104,7 +112,8 @@ class WandbTracker(Tracker):
         if accepted:
             self._call("log accepted-length histogram", lambda: self.run.log(
                 {"accepted_per_step": self._histogram(accepted)}, step=step))
-        self._call("log per-problem table", lambda: self.run.log({"problems": self._table(samples)}, step=step))
+        if samples:  # a decode job's (a trainer has none)
+            self._call("log per-problem table", lambda: self.run.log({"problems": self._table(samples)}, step=step))
         self._call("write summary", lambda: self.run.summary.update(flat_numbers(metrics)))
         self._call("finish", self.run.finish)
         self.run = None

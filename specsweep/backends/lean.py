@@ -101,6 +101,7 @@ class LeanLlama:
         self.head_dim, self.scaling = first.head_dim, first.scaling
         self.q_heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.intermediate = config.intermediate_size
+        self.hidden: torch.Tensor | None = None  # the last forward's final hidden states (the output layer's input)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree: Tree | None,
@@ -130,7 +131,8 @@ class LeanLlama:
             gate, up = gate_up[..., :self.intermediate], gate_up[..., self.intermediate:]
             x = x + down_w(nn.functional.silu(gate) * up)
         cache.length = cached + n
-        return self.lm_head(_rms_norm(x, self.model.model.norm))[0]
+        self.hidden = _rms_norm(x, self.model.model.norm)  # [1, n, H]: what drafts reading it get
+        return self.lm_head(self.hidden)[0]
 
 
 class BucketCache:

@@ -64,6 +64,25 @@ def capture_graph(prepare, forward):
     return graph, output
 
 
+class HiddenTap:
+    """The input of a model's output layer (its final hidden states) in the model's last forward,
+    kept by a forward pre-hook: what drafts reading the target's hidden state get (`hidden()`).
+    One per model (`hidden_tap`), however many runners it serves."""
+
+    def __init__(self, model):
+        self.last: torch.Tensor | None = None
+        model.get_output_embeddings().register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, args) -> None:
+        self.last = args[0]
+
+
+def hidden_tap(model) -> HiddenTap:
+    if not hasattr(model, "hidden_tap"):
+        model.hidden_tap = HiddenTap(model)
+    return model.hidden_tap
+
+
 def make_runner(model, hw: Hardware) -> DynamicTarget | LeanTarget | GraphTarget:
     """The runner a hardware profile asks for: a static cache for CUDA graphs or a fixed verify width,
     the lean forward for `hardware.lean_forward`."""
@@ -77,6 +96,11 @@ def make_runner(model, hw: Hardware) -> DynamicTarget | LeanTarget | GraphTarget
 class DynamicTarget:
     def __init__(self, model, bool_masks: bool = False):
         self.model, self.bool_masks = model, bool_masks
+        self.tap = hidden_tap(model)
+
+    def hidden(self) -> torch.Tensor:
+        """The final hidden states [m, H] of the rows the last forward returned logits for."""
+        return self.tap.last[0]
 
     def prefill(self, prompt_ids: torch.Tensor, room: int) -> torch.Tensor:
         """Fill a fresh cache with the prompt -> logits [V] after its last token. ``room``: the most
@@ -112,7 +136,7 @@ class LeanTarget(DynamicTarget):
 
     def prefill(self, prompt_ids: torch.Tensor, room: int) -> torch.Tensor:
         logits = super().prefill(prompt_ids, room)
-        self.cache = BucketCache(self.cache)
+        self.cache, self.scored_by_lean = BucketCache(self.cache), False
         return logits
 
     def score(self, step_input: torch.Tensor, tree: Tree | None, cache_len: int) -> torch.Tensor:
@@ -121,7 +145,11 @@ class LeanTarget(DynamicTarget):
             positions = torch.arange(cache_len, cache_len + step_input.shape[1], device=device)[None]
         else:
             positions = tree.verify_position_ids(cache_len, device)
+        self.scored_by_lean = True
         return self.forward(step_input, positions, tree, self.cache)
+
+    def hidden(self) -> torch.Tensor:
+        return self.forward.hidden[0] if self.scored_by_lean else super().hidden()
 
     def keep(self, start: int, positions: list[int]) -> None:
         self.cache.keep(start, positions)
@@ -133,7 +161,9 @@ class GraphTarget:
         self.step_model = torch.compile(model) if compile else model  # runs every forward after the prefill
         self.max_len = 0
         self.inputs: dict[int, dict] = {}  # m -> static inputs of m-row forwards (the graph's, when captured)
-        self.graphs: dict[int, tuple] = {}  # m -> (graph, static logits)
+        self.graphs: dict[int, tuple] = {}  # m -> (graph, static logits, static final hidden states)
+        self.tap = hidden_tap(model)
+        self.last_hidden: torch.Tensor | None = None  # [1, rows, H] of the last forward
         # transformers releases before the cache tracked its own length take explicit cache positions
         self.explicit_positions = "cache_position" in inspect.signature(model.forward).parameters
 
@@ -146,7 +176,9 @@ class GraphTarget:
             self.graphs.clear()
         inputs = self._inputs(prompt_ids.shape[1])
         plan = self._fill(inputs, prompt_ids, None, 0)
-        return self.model(**inputs, **plan, past_key_values=self.cache, logits_to_keep=1).logits[0, -1]
+        logits = self.model(**inputs, **plan, past_key_values=self.cache, logits_to_keep=1).logits[0, -1]
+        self.last_hidden, self.rows = self.tap.last, 1
+        return logits
 
     def score(self, step_input: torch.Tensor, tree: Tree | None, cache_len: int) -> torch.Tensor:
         m = step_input.shape[1]
@@ -158,13 +190,21 @@ class GraphTarget:
         inputs = self.inputs[rows]
         if not self.capture:
             plan = self._fill(inputs, step_input, tree, cache_len)
-            return self.step_model(**inputs, **plan, past_key_values=self.cache).logits[0, :m]
+            logits = self.step_model(**inputs, **plan, past_key_values=self.cache).logits[0, :m]
+            self.last_hidden, self.rows = self.tap.last, m
+            return logits
         if rows not in self.graphs:
             self.graphs[rows] = self._record(inputs, cache_len)
-        graph, logits = self.graphs[rows]
+        graph, logits, self.last_hidden = self.graphs[rows]
         self._fill(inputs, step_input, tree, cache_len)
         graph.replay()
+        self.rows = m
         return logits[0, :m]
+
+    def hidden(self) -> torch.Tensor:
+        """The final hidden states [m, H] of the last forward's real rows (a graph's own output buffer
+        when replayed)."""
+        return self.last_hidden[0, :self.rows]
 
     def keep(self, start: int, positions: list[int]) -> None:
         move(self.cache, start, positions)  # stale slots after them stay, masked out of later forwards
@@ -203,9 +243,11 @@ class GraphTarget:
         return plan_kwargs(self.model, inputs["attention_mask"])
 
     def _record(self, inputs: dict, cache_len: int) -> tuple:
-        """The CUDA graph that replays a forward of the static ``inputs``' rows, and its logits.
-        Warm-up and capture write into slots from ``cache_len`` on; the real forward rewrites them."""
+        """The CUDA graph that replays a forward of the static ``inputs``' rows, its logits and its
+        final hidden states (the output layer's input the capture saw: graph memory, rewritten by each
+        replay). Warm-up and capture write into slots from ``cache_len`` on; the real forward rewrites them."""
         m = inputs["input_ids"].shape[1]
         dummy = torch.zeros(1, m, dtype=torch.long, device=self.model.device)
-        return capture_graph(lambda: self._fill(inputs, dummy, None, cache_len),
-                             lambda: self.step_model(**inputs, past_key_values=self.cache).logits)
+        graph, logits = capture_graph(lambda: self._fill(inputs, dummy, None, cache_len),
+                                      lambda: self.step_model(**inputs, past_key_values=self.cache).logits)
+        return graph, logits, self.tap.last

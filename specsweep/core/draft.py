@@ -44,6 +44,9 @@ class Drafter:
     #: config keys holding a model (a local dir or hub id) the app resolves and loads before the build
     #: (the loaded model: ``ctx.model(key)``)
     model_paths: tuple[str, ...] = ()
+    #: True: the engine hands it the target's final hidden state where the target chose the root
+    #: (``on_hidden``), for drafts that read it (trained heads)
+    reads_hidden: bool = False
 
     @classmethod
     def build(cls, ctx, **params) -> Drafter:
@@ -68,6 +71,11 @@ class Drafter:
     def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
         """The target's logits [m, V] after each of ``inputs`` [m]: the root and the accepted draft
         tokens of the step just verified (their contexts were all the target's own tokens)."""
+
+    def on_hidden(self, hidden: torch.Tensor) -> None:
+        """``reads_hidden`` drafts only: the target's final hidden state [H] (its output layer's input)
+        at the position whose logits chose the current root, after the prefill and after each verify.
+        The next proposal continues the root from it."""
 
     def counters(self) -> dict:
         """Draft-specific counters for metrics.json (e.g. per-level acceptance of a cascade)."""
@@ -101,3 +109,63 @@ def fill_tree(tree: Tree, candidates: Callable[[list[int], int], list[int]], dev
     if not tokens:
         return Draft(torch.empty(0, dtype=torch.long, device=device))
     return Draft(torch.tensor(tokens, dtype=torch.long, device=device), tree=Tree(tuple(parents), tuple(ranks)))
+
+
+#: expand(nodes, tokens, parents, depth) -> the logits [len(nodes), V] after each of ``nodes`` (all at
+#: ``depth`` >= 1; ``tokens``/``parents`` describe every node so far): a drafter's next-token scores
+Expand = Callable[[list[int], list[int], list[int], int], torch.Tensor]
+
+
+def fill_levels(root_logits: torch.Tensor, tree: Tree, expand: Expand, device: torch.device) -> Draft:
+    """Fill a fixed tree shape level by level: each node holds its parent's ranked choice (rank r =
+    the r-th likeliest token), the internal nodes of a level expanded in one ``expand`` call."""
+    tokens = [0] * tree.num_nodes
+    logits_of = {-1: root_logits}
+    by_depth: dict[int, list[int]] = {}
+    for node, d in enumerate(tree.depths):
+        by_depth.setdefault(d, []).append(node)
+    for depth in range(1, tree.depth + 1):
+        level = by_depth[depth]
+        for parent in dict.fromkeys(tree.parents[n] for n in level):
+            children = tree.children(parent)
+            top = logits_of[parent].topk(max(tree.ranks[c] for c in children) + 1).indices.tolist()
+            for child in children:
+                tokens[child] = top[tree.ranks[child]]
+        internal = [n for n in level if tree.children(n)]
+        if internal:
+            logits_of.update(zip(internal, expand(internal, tokens, list(tree.parents), depth)))
+    return Draft(torch.tensor(tokens, dtype=torch.long, device=device), tree=tree)
+
+
+def grow_tree(root_logits: torch.Tensor, spec: DynamicTreeSpec, expand: Expand,
+              device: torch.device) -> tuple[Draft, list[int]]:
+    """Grow a dynamic tree (EAGLE-2): per level, expand the k candidates of highest cumulative draft
+    log-probability, each adding its top k; keep the ``budget`` best candidates overall. -> the draft
+    and the candidate number of each of its nodes (``expand`` saw candidate numbers)."""
+    tokens, parents, depths, scores, ranks = [], [], [], [], []
+
+    def add_children(parent: int, logits: torch.Tensor, depth: int) -> None:
+        logp, top = logits.float().log_softmax(-1).topk(spec.k)
+        base = scores[parent] if parent >= 0 else 0.0
+        for rank, (lp, token) in enumerate(zip(logp.tolist(), top.tolist())):
+            tokens.append(token)
+            parents.append(parent)
+            depths.append(depth)
+            scores.append(base + lp)
+            ranks.append(rank)
+
+    add_children(-1, root_logits, 1)
+    frontier = list(range(len(tokens)))
+    for depth in range(2, spec.depth + 1):
+        frontier = sorted(frontier, key=lambda c: -scores[c])[:spec.k]
+        rows = expand(frontier, tokens, parents, depth - 1)
+        first_new = len(tokens)
+        for node, row in zip(frontier, rows):
+            add_children(node, row, depth)
+        frontier = list(range(first_new, len(tokens)))
+    # a child never scores above its parent, so the best `budget` (ties: shallower first) keep every ancestor
+    chosen = sorted(sorted(range(len(tokens)), key=lambda c: (-scores[c], depths[c]))[:spec.budget],
+                    key=lambda c: (depths[c], c))
+    index = {c: i for i, c in enumerate(chosen)}
+    tree = Tree(tuple(index[parents[c]] if parents[c] >= 0 else -1 for c in chosen), tuple(ranks[c] for c in chosen))
+    return Draft(torch.tensor([tokens[c] for c in chosen], dtype=torch.long, device=device), tree=tree), chosen

@@ -94,6 +94,7 @@ class Engine:
         self.generator = generator  # shared with a sampling drafter: one random stream per run
         self.runner = runner  # the hardware profile's (specsweep.backends.target.make_runner)
         self.length_policy = length_policy if drafter is not None else None
+        self.reads_hidden = drafter is not None and drafter.reads_hidden
 
     def _choose(self, logits: torch.Tensor) -> int:
         if self.sampling.greedy:
@@ -150,6 +151,8 @@ class Engine:
         ids[0, prompt_len] = token
         if self.drafter is not None:
             self.drafter.reset(prompt_ids)
+            if self.reads_hidden:
+                self.drafter.on_hidden(self.runner.hidden()[-1])
         sync()
         stats.prefill_s = clock() - start
 
@@ -181,6 +184,8 @@ class Engine:
                 # the root's and the accepted nodes' logits (a chain's are the first rows: no copy)
                 scored = logits[:accepted + 1] if draft.tree is None else logits[[0] + [1 + i for i in path]]
                 self.drafter.on_scored(torch.cat([ids[0, cache_len:length], draft.tokens[path]]), scored)
+            if self.reads_hidden:  # where the target chose the next root: the deepest accepted node's row
+                self.drafter.on_hidden(self.runner.hidden()[1 + path[-1] if path else 0])
             for i, t in enumerate(new):  # stop at the first EOS, even inside the accepted draft
                 if t in self.eos:
                     new, accepted = new[: i + 1], min(accepted, i + 1)

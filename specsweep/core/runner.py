@@ -22,3 +22,7 @@ class Runner(Protocol):
     def keep(self, start: int, positions: list[int]) -> None:
         """Keep the cache's first ``start`` positions and the entries at ``positions`` (ascending),
         moved to follow them; drop the rest."""
+
+    def hidden(self) -> torch.Tensor:
+        """The final hidden states [m, H] (the output layer's input) of the rows the last forward
+        returned logits for: the prefill's last token, or every row of a score."""

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from specsweep.backends.cache import compact, truncate
 from specsweep.backends.row_invariant import plan_kwargs
-from specsweep.core.draft import Draft, Drafter
+from specsweep.core.draft import Draft, Drafter, fill_levels, grow_tree
 from specsweep.core.sampling import Sampling, greedy_tokens, sample
 from specsweep.core.tree import DynamicTreeSpec, Tree, attention_mask_4d
 from specsweep.core.verify import verify_greedy
@@ -134,7 +134,7 @@ class ModelDrafter(Drafter):
         self.root_len = ids.shape[1]
         self.slots: dict[int, int] = {}  # tree node -> its position in the draft cache
         draft = (self._grow(root_logits, shape, ids.device) if isinstance(shape, DynamicTreeSpec)
-                 else self._fill(root_logits, shape, ids.device))
+                 else fill_levels(root_logits, shape, self._expand, ids.device))
         self.last_tree = (draft.tree, draft.tokens.tolist(), self.slots)  # the next _sync keeps the accepted branch's KV
         return draft
 
@@ -158,54 +158,9 @@ class ModelDrafter(Drafter):
                          past_key_values=self.cache, use_cache=True, **plan_kwargs(self.model, mask))
         return out.logits[0]
 
-    def _fill(self, root_logits: torch.Tensor, tree: Tree, device) -> Draft:
-        tokens = [0] * tree.num_nodes
-        logits_of = {-1: root_logits}
-        by_depth: dict[int, list[int]] = {}
-        for node, d in enumerate(tree.depths):
-            by_depth.setdefault(d, []).append(node)
-        for depth in range(1, tree.depth + 1):
-            level = by_depth[depth]
-            for parent in dict.fromkeys(tree.parents[n] for n in level):
-                children = tree.children(parent)
-                top = logits_of[parent].topk(max(tree.ranks[c] for c in children) + 1).indices.tolist()
-                for child in children:
-                    tokens[child] = top[tree.ranks[child]]
-            internal = [n for n in level if tree.children(n)]
-            if internal:
-                rows = self._expand(internal, tokens, list(tree.parents), depth)
-                logits_of.update(zip(internal, rows))
-        return Draft(torch.tensor(tokens, dtype=torch.long, device=device), tree=tree)
-
     def _grow(self, root_logits: torch.Tensor, spec: DynamicTreeSpec, device) -> Draft:
-        # candidates: token, parent candidate (-1 = root), depth, cumulative log-probability, rank
-        tokens, parents, depths, scores, ranks = [], [], [], [], []
-
-        def add_children(parent: int, logits: torch.Tensor, depth: int) -> None:
-            logp, top = logits.float().log_softmax(-1).topk(spec.k)
-            base = scores[parent] if parent >= 0 else 0.0
-            for rank, (lp, token) in enumerate(zip(logp.tolist(), top.tolist())):
-                tokens.append(token)
-                parents.append(parent)
-                depths.append(depth)
-                scores.append(base + lp)
-                ranks.append(rank)
-
-        add_children(-1, root_logits, 1)
-        frontier = list(range(len(tokens)))
-        for depth in range(2, spec.depth + 1):
-            frontier = sorted(frontier, key=lambda c: -scores[c])[:spec.k]
-            rows = self._expand(frontier, tokens, parents, depth - 1)
-            first_new = len(tokens)
-            for node, row in zip(frontier, rows):
-                add_children(node, row, depth)
-            frontier = list(range(first_new, len(tokens)))
-        # a child never scores above its parent, so the best `budget` (ties: shallower first) keep every ancestor
-        chosen = sorted(sorted(range(len(tokens)), key=lambda c: (-scores[c], depths[c]))[:spec.budget],
-                        key=lambda c: (depths[c], c))
-        index = {c: i for i, c in enumerate(chosen)}
-        tree = Tree(tuple(index[parents[c]] if parents[c] >= 0 else -1 for c in chosen),
-                    tuple(ranks[c] for c in chosen))
+        draft, chosen = grow_tree(root_logits, spec, self._expand, device)
         # the cache slots refer to candidate numbers; keep them for the chosen nodes under their new index
+        index = {c: i for i, c in enumerate(chosen)}
         self.slots = {index[c]: slot for c, slot in self.slots.items() if c in index}
-        return Draft(torch.tensor([tokens[c] for c in chosen], dtype=torch.long, device=device), tree=tree)
+        return draft

