@@ -12,7 +12,7 @@ from tests.conftest import CACHE_DIR
 
 
 def test_bench_writes_rows_and_checks_every_output(tmp_path):
-    argv = ["--limit", "1", "--max-new-tokens", "12", "--threads", "1", "--cache-dir", str(CACHE_DIR),
+    argv = ["--limit", "1", "--max-new-tokens", "12", "--repeats", "2", "--threads", "1", "--cache-dir", str(CACHE_DIR),
             "--set", "hardware=cpu-bf16", "--ours", "ar=draft=none", "best=experiment=best",
             "best-hf-forward=experiment=best hardware.lean_forward=false",  # how the shared target runs may differ
             "--hf", "generate", "--out", str(tmp_path)]
@@ -20,7 +20,9 @@ def test_bench_writes_rows_and_checks_every_output(tmp_path):
     (result,) = tmp_path.glob("speed_*.json")
     info = json.loads(result.read_text())
     assert [r["strategy"] for r in info["rows"]] == ["ar", "best", "best-hf-forward", "hf-generate"]
-    assert all(r["tokens"] == 12 for r in info["rows"])
+    assert all(r["tokens"] == 2 * 12 for r in info["rows"])  # one prompt, two passes
+    assert info["repeats"] == 2 and all(r["repeats"] == 2 and r["run_to_run_cv"] >= 0 for r in info["rows"])
+    assert info["rows"][0]["vs_our_ar"] == info["rows"][0]["vs_our_ar_lo"] == info["rows"][0]["vs_our_ar_hi"] == 1.0
     # cpu-bf16 is proven row-invariant on this machine (the exactness probe): not even a tie may flip,
     # and HF's generate runs the same row-blocked products one row at a time
     assert info["rows"][0]["lossless"] == "reference"

@@ -42,10 +42,22 @@ def test_single_run_writes_the_results_contract(model_dirs, prompts, tmp_path):
         assert key in metrics, key
     assert metrics["choices"]["draft"] == "model" and metrics["samples"] == 2
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert [s["task_id"] for s in samples] == ["a", "prompts/1"]
+    assert [s["task_id"] for s in samples] == ["a", "prompts/1"] and {s["repeat"] for s in samples} == {0}
     assert all(len(s["output_ids"]) == s["new_tokens"] <= 12 and s["prompt_ids"] for s in samples)
     assert sum(s["new_tokens"] for s in samples) == metrics["new_tokens"]
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_repeats_decode_every_prompt_pass_after_pass(model_dirs, prompts, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = specsweep(*base_args(model_dirs, prompts, tmp_path), "draft=prompt-lookup", "repeats=2",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [(s["task_id"], s["repeat"]) for s in samples] == [("a", 0), ("prompts/1", 0), ("a", 1), ("prompts/1", 1)]
+    assert samples[0]["output_ids"] == samples[2]["output_ids"]  # a repeat decodes the same tokens again
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["repeats"] == 2 and metrics["samples"] == 4
 
 
 def test_multirun_summarises_every_job_and_reports_failures(model_dirs, prompts, tmp_path):
@@ -62,6 +74,15 @@ def test_multirun_summarises_every_job_and_reports_failures(model_dirs, prompts,
     assert [(r["draft"], r["status"]) for r in rows] == [("none", "ok"), ("local", "ok"), ("prompt-lookup", "ok")]
     assert float(rows[0]["speedup"]) == 1.0 and float(rows[1]["speedup"]) > 0
     assert "sweep summary" in proc.stdout
+    # intervals, per-position acceptance, the predicted speedup: the baseline against itself is exactly 1
+    assert (rows[0]["speedup_lo"], rows[0]["speedup_hi"], rows[0]["predicted_speedup"]) == ("1.0", "1.0", "1.0")
+    for r in rows[1:]:
+        assert float(r["speedup_lo"]) <= float(r["speedup"]) <= float(r["speedup_hi"])
+        assert float(r["tokens_per_s_lo"]) <= float(r["tokens_per_s"]) <= float(r["tokens_per_s_hi"])
+        assert 0 <= float(r["alpha_1"]) <= 1 and float(r["predicted_speedup"]) > 0
+    metrics = json.loads((sweep / "1" / "metrics.json").read_text())
+    assert len(metrics["alpha_by_position"]) == 4 and metrics["predicted"]["curve"].startswith(str(tmp_path / "cache"))
+    assert metrics["uncertainty"]["speedup"]["value"] == pytest.approx(float(rows[1]["speedup"]))
 
     # the losslessness audit: greedy fp32 drafts reproduce the draft=none run token for token
     assert [r["lossless"] for r in rows] == ["reference", "exact", "exact"]
@@ -104,6 +125,7 @@ def test_multirun_summarises_every_job_and_reports_failures(model_dirs, prompts,
     ("dataset.path=/no/such/file.jsonl", "dataset.path=/no/such/file.jsonl: no such file"),
     ("decode.top_p=1.5", "decode.top_p=1.5: must be <= 1.0"),
     ("hardware=cuda", "sees no CUDA device"),
+    ("repeats=0", "repeats=0: must be >= 1"),  # the schema's refusal
     ("target.path=???", "target.path is not set: add target.path=... to the command"),  # a `???` left unset
 ])
 def test_bad_input_fails_fast_with_one_clear_line(model_dirs, prompts, tmp_path, override, message):

@@ -11,6 +11,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from specsweep.app import report
+from specsweep.core.engine import SampleStats
+from specsweep.core.stats import summarize
 from specsweep.errors import SpecsweepError
 from specsweep.evaluation import pass_at_1, sandbox
 
@@ -100,10 +102,13 @@ def test_report_tables_plots_and_provenance(sweeps, tmp_path, capsys):
     # (a) seed 000's target x strategy table, one per sweep, failed and missing jobs included
     assert "## seed000" in text and "## trees" in text
     assert "3 finished, 1 failed, 1 missing" in text
-    assert ("| smollm2-135m | autoregressive (draft=none) | 20.00 | 1.00x | - | 0.000 | 1.000 | 0.500 (n=2) | 192 | 0 |"
-            in text)
-    assert "| smollm2-135m | layer-skip, chain γ=4 | 30.00 | 1.50x | 0.375 | 1.500 | 2.500 | 0.500 (n=2) | 192 | 1 |" in text
-    assert "| smollm2-135m | cascade, chain γ=15 | 10.00 | 0.50x | 0.100 | 1.200 | 2.200 | 0.500 (n=2) | 192 | 2 |" in text
+    # (no samples.jsonl here: no intervals, no alpha_k, no prediction)
+    assert ("| smollm2-135m | autoregressive (draft=none) | 20.00 | 1.00x | - | - | 0.000 | 1.000 | - | 0.500 (n=2) "
+            "| 192 | 0 |" in text)
+    assert ("| smollm2-135m | layer-skip, chain γ=4 | 30.00 | 1.50x | - | 0.375 | 1.500 | 2.500 | - | 0.500 (n=2) "
+            "| 192 | 1 |" in text)
+    assert ("| smollm2-135m | cascade, chain γ=15 | 10.00 | 0.50x | - | 0.100 | 1.200 | 2.200 | - | 0.500 (n=2) "
+            "| 192 | 2 |" in text)
     assert "| smollm2-135m | prompt-lookup, binary depth=3, 14 nodes | **failed** |" in text
     assert "- job 3 (prompt-lookup, binary depth=3, 14 nodes): failed: tree=binary: the decode engine verifies chains only" in text
     assert "- job 4 (bigram, chain γ=4): missing:" in text
@@ -124,12 +129,61 @@ def test_report_tables_plots_and_provenance(sweeps, tmp_path, capsys):
     assert "## Acceptance vs draft tokens (seed 001)" in text
     assert "| smollm2-135m | prompt-lookup | binary | binary depth=1, 2 nodes | 2 | 2.00 | 0.200 | 0.400 |" in text
     assert "| smollm2-135m | prompt-lookup | binary | binary depth=2, 6 nodes | 6 | 6.00 | 0.133 | 0.800 |" in text
-    assert "| smollm2-135m | prompt-lookup | chain | chain γ=4 | 4 | 4.00 | 0.300 | 1.200 | 40.00 | 2.00x | trees/2 |" in text
+    assert ("| smollm2-135m | prompt-lookup | chain | chain γ=4 | 4 | 4.00 | 0.300 | 1.200 | - | - | 40.00 | 2.00x | - "
+            "| trees/2 |" in text)
     assert "![acceptance vs draft tokens, smollm2-135m](acceptance_smollm2-135m.png)" in text
     assert "seed000/1 |" not in text  # seed000 ran one tree per draft: not part of the tree study
 
     for name in ("time_seed000.png", "time_trees.png", "acceptance_smollm2-135m.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
+
+
+def decoded(walls: list[float], depth: int = 0, accepted: list[list[int]] | None = None) -> list[SampleStats]:
+    """Per prompt: 24 new tokens in ``walls[i]`` seconds; chains of ``depth`` with these accepted counts."""
+    out = []
+    for i, wall in enumerate(walls):
+        steps = accepted[i] if accepted else [0] * 23
+        out.append(SampleStats(new_tokens=24, draft_tokens=depth * len(steps), accepted_tokens=sum(steps),
+                               verify_steps=len(steps), wall_s=wall, verify_s=0.9 * wall, accepted_per_step=steps,
+                               drafted_per_step=[depth] * len(steps), depth_per_step=[depth] * len(steps)))
+    return out
+
+
+def decoded_job(sweep: Path, number: int, draft: str, stats: list[SampleStats], **extra) -> Path:
+    """A job dir whose metrics.json and samples.jsonl come from these counters."""
+    tree = {"name": "chain", "shape": "chain", "depth": max(s.depth_per_step[0] for s in stats) or 4}
+    path = job(sweep, number, {**metrics(draft, tree, 1.0, pass1=None), **summarize(stats), **extra})
+    rows = [{"task_id": f"HumanEval/{i}", "output_ids": [1] * s.new_tokens, **vars(s)} for i, s in enumerate(stats)]
+    (path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_report_leads_with_intervals_alpha_k_and_paired_speedups(tmp_path):
+    sweep = tmp_path / "paired"
+    walls = [1.0, 1.2, 0.8, 1.1, 0.9, 1.0]
+    decoded_job(sweep, 0, "none", decoded(walls))
+    # job 1: twice as fast on every prompt; job 2 the same but slower than AR on one prompt; job 3 = job 1
+    runs = [[4, 0, 2, 1, 4]] * 6
+    decoded_job(sweep, 1, "prompt-lookup", decoded([w / 2 for w in walls], 4, runs),
+                predicted={"speedup": 2.4, "speedup_with_draft": 2.3})
+    decoded_job(sweep, 2, "bigram", decoded([w / 2 for w in walls[:5]] + [1.25], 4, runs))
+    decoded_job(sweep, 3, "layer-skip", decoded([w / 2 for w in walls], 4, runs))
+    assert report.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    # every prompt exactly 2x: a zero-width interval, the predicted speedup beside it; jobs 1 and 3 are the
+    # same, job 2 differs on one prompt of six (a resample without it shows no difference): none told apart,
+    # while each differs from the baseline
+    assert ("| prompt-lookup, chain γ=4 | 48.00 [43.64, 53.33] | 2.00x [2.00, 2.00] | 2.40x / 2.30x | 0.550 [0.550, 0.550] "
+            "| 2.200 [2.200, 2.200] | 3.200 | 0.80 0.75 0.67 1.00 | - | 144 | 1 | exact | 2, 3 |") in text
+    assert "| bigram, chain γ=4 | 38.40 [27.16, 52.36] | 1.60x [1.13, 2.00] | - |" in text
+    assert "| 144 | 0 | reference | - |" in text
+    # alpha_k from the steps (4, 0, 2, 1, 4): offered 5, 4, 3, 2 times; accepted 4, 3, 2, 2
+    assert "0.80 0.75 0.67 1.00" in text
+    assert "| 1 | prompt-lookup, chain γ=4 | 0.80 [0.80, 0.80] | 0.75 [0.75, 0.75] |" in text
+    assert "- job 2 (bigram, chain γ=4): 1 of 6 prompts: HumanEval/5 0.80x" in text
+    assert "- job 1 (prompt-lookup, chain γ=4): 0 of 6 prompts" in text
+    for name in ("positions_paired.png", "prompts_paired.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == PNG, name
 
 
 def test_report_defaults_to_the_first_sweep_dir_and_reads_a_single_run_dir(sweeps):

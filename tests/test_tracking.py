@@ -239,3 +239,6 @@ def test_a_failed_job_closes_its_run_as_failed(tmp_path):
 def test_summary_is_the_flattened_numbers_of_metrics_json():
     assert flat_numbers({"a": 1, "b": None, "c": "x", "d": {"e": 2.5, "f": {"g": 3}}, "h": float("nan"),
                          "config": {"x": 1}, "choices": {"y": 2}, "ok": True}) == {"a": 1, "d/e": 2.5, "d/f/g": 3}
+    # per-position lists become one number per position (1-based); other lists are left out
+    assert flat_numbers({"alpha_by_position": [0.5, None, 0.25], "lock_mismatches": ["x"], "seq": [1, 2]}) == {
+        "alpha_by_position/1": 0.5, "alpha_by_position/3": 0.25}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from specsweep.app import audit
+from specsweep.app import audit, uncertainty
 from specsweep.app.results import ERROR, METRICS, SAMPLES, read_jsonl
 from specsweep.app.tracking import sweep_group
 from specsweep.errors import SpecsweepError
@@ -45,6 +45,17 @@ class Job:
     baseline_sweep: str | None = None  # set when the draft=none run came from another sweep
     baseline: Job | None = field(default=None, repr=False, compare=False)  # that draft=none run (maybe itself)
     audit: dict | None = None  # the losslessness audit (decoding runs; `add_audits`)
+    uncertainty: dict | None = None  # bootstrap intervals, paired speedups, spread (`add_uncertainty`)
+    indistinct: list[str] = field(default_factory=list)  # jobs whose speedup this one's is not told apart from
+    _samples: list | None = field(default=None, repr=False, compare=False)
+    _samples_read: bool = field(default=False, repr=False, compare=False)
+
+    def samples(self) -> list[dict] | None:
+        """samples.jsonl's records, read once (None without the file)."""
+        if not self._samples_read:
+            path = self.path / SAMPLES
+            self._samples, self._samples_read = (read_jsonl(path) if path.is_file() else None), True
+        return self._samples
 
     @property
     def name(self) -> str:  # the job number in a multirun
@@ -90,6 +101,7 @@ def load_sweeps(sweep_dirs: list[Path], decode_only: bool = True) -> list[Job]:
         jobs += found
     add_speedups(jobs)
     add_audits(jobs)
+    add_uncertainty(jobs)
     return jobs
 
 
@@ -168,17 +180,9 @@ def add_audits(jobs: list[Job]) -> None:
     draft=none run of the same target, prompts, decode settings, seed and hardware), per sample by
     task id: `specsweep.app.audit.compare` on the two samples.jsonl, in the baseline's dtype. Without a
     samples.jsonl, the audit an earlier sweep summary left in metrics.json, if any."""
-    loaded: dict[Path, list[dict] | None] = {}
-
-    def samples(job: Job) -> list[dict] | None:
-        if job.path not in loaded:
-            path = job.path / SAMPLES
-            loaded[job.path] = read_jsonl(path) if path.is_file() else None
-        return loaded[job.path]
-
     for job in jobs:
         if job.ok and "tokens_per_s" in job.metrics:
-            job.audit = _audit(job, samples)
+            job.audit = _audit(job, Job.samples)
 
 
 def _audit(job: Job, samples) -> dict:
@@ -198,6 +202,81 @@ def _audit(job: Job, samples) -> dict:
     except ValueError as err:  # a dtype without a known ulp
         return audit.not_audited(str(err))
     return {**record, "reference": f"{base.sweep}/{base.name}"}
+
+
+def add_uncertainty(jobs: list[Job]) -> None:
+    """Each decoding run's bootstrap intervals and its speedup paired prompt by prompt with its
+    baseline's (`specsweep.app.uncertainty`, from samples.jsonl; without one, what an earlier sweep
+    summary left in metrics.json). Then, among the runs sharing a baseline (itself included), each
+    pair whose speedups' paired difference has an interval holding 0 is marked not distinguishable."""
+    folded: dict[Path, uncertainty.Prompts] = {}
+
+    def prompts(job: Job) -> uncertainty.Prompts | None:
+        if job.path not in folded and job.samples():
+            folded[job.path] = uncertainty.fold(job.samples())
+        return folded.get(job.path)
+
+    decoded = [j for j in jobs if j.ok and "tokens_per_s" in j.metrics]
+    for job in decoded:
+        if job.samples() is None:
+            job.uncertainty = job.value("uncertainty")
+            continue
+        base = job.baseline.samples() if job.baseline is not None else None
+        job.uncertainty = uncertainty.analyse(job.samples(), base)
+    groups: dict[int, list[Job]] = {}
+    for job in decoded:
+        if job.baseline is not None and prompts(job) is not None and prompts(job.baseline) is not None:
+            groups.setdefault(id(job.baseline), []).append(job)
+    for members in groups.values():
+        base = prompts(members[0].baseline)
+        for i, a in enumerate(members):
+            for b in members[i + 1:]:
+                if uncertainty.distinguishable(uncertainty.speedup_difference(prompts(a), prompts(b), base)) is False:
+                    a.indistinct.append(job_label(b, a))
+                    b.indistinct.append(job_label(a, b))
+
+
+def job_label(job: Job, seen_from: Job) -> str:
+    """A job's number, with its sweep where that is not ``seen_from``'s."""
+    return job.name if job.sweep == seen_from.sweep else f"{job.sweep}/{job.name}"
+
+
+def interval(job: Job, key: str) -> dict | None:
+    """A number's bootstrap record {value, lo, hi}, or None."""
+    record = (job.uncertainty or {}).get(key)
+    return record if isinstance(record, dict) and record.get("lo") is not None else None
+
+
+def with_interval(value, record: dict | None, digits: int = 2, suffix: str = "") -> str:
+    """``1.92x [1.81, 2.03]``: the value and its 95% interval where there is one."""
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}{suffix}"
+    return text if record is None else f"{text} [{record['lo']:.{digits}f}, {record['hi']:.{digits}f}]"
+
+
+def alphas(job: Job, limit: int = 8) -> list:
+    """alpha_1..alpha_limit (None where a position was never offered)."""
+    return (job.value("alpha_by_position") or [])[:limit]
+
+
+def alpha_cell(job: Job, limit: int = 4) -> str:
+    """alpha_1 .. alpha_limit, space-separated ('-' for a position never offered)."""
+    values = alphas(job, limit)
+    return " ".join(_fmt(a, 2) for a in values) or "-"
+
+
+def predicted(job: Job) -> float | None:
+    return (job.value("predicted") or {}).get("speedup")
+
+
+def predicted_cell(job: Job) -> str:
+    """``1.74x / 0.45x``: predicted with drafting free / at its measured time (one number where they agree)."""
+    record = job.value("predicted") or {}
+    free, paid = record.get("speedup"), record.get("speedup_with_draft")
+    if free is None or paid is None or f"{free:.2f}" == f"{paid:.2f}":
+        return _fmt(free, 2, "x")
+    return f"{free:.2f}x / {paid:.2f}x"
 
 
 def _machine(job: Job) -> str | None:
@@ -235,13 +314,6 @@ def strategy(job: Job) -> str:
     if job.draft == "none":
         return "autoregressive (draft=none)"
     return f"{job.draft}, {tree_label(job)}"
-
-
-def pass_at_1(job: Job) -> str:
-    evaluation = job.value("evaluation") or {}
-    if evaluation.get("pass_at_1") is None:
-        return "-"
-    return f"{evaluation['pass_at_1']:.3f} (n={evaluation.get('evaluated')})"
 
 
 def finished_at(job: Job) -> datetime | None:
@@ -302,20 +374,87 @@ def settings_line(jobs: list[Job]) -> str:
 
 
 def strategy_table(jobs: list[Job]) -> list[str]:
-    """Seed 000's tables: one row per target x strategy."""
+    """Seed 000's tables: one row per target x strategy, each number with its 95% interval over
+    prompts, the predicted speedup beside the measured one, alpha_1..4, and the jobs whose speedup
+    this one's cannot be told apart from."""
     order = sorted(jobs, key=lambda j: (j.target, j.draft != "none"))
     rows = []
     for j in order:
         if j.ok:
-            speedup = _fmt(j.speedup, 2, "x") + (f" (baseline: {j.baseline_sweep})" if j.baseline_sweep else "")
-            rows.append([j.target, strategy(j), _fmt(j.value("tokens_per_s"), 2), speedup,
-                         _fmt(j.value("acceptance_rate")), _fmt(j.value("acceptance_length")),
-                         _fmt(j.value("tokens_per_target_forward")), pass_at_1(j), j.value("new_tokens"), j.name,
-                         lossless(j)])
+            speedup = (with_interval(j.speedup, interval(j, "speedup"), 2, "x")
+                       + (f" (baseline: {j.baseline_sweep})" if j.baseline_sweep else ""))
+            rows.append([j.target, strategy(j), with_interval(j.value("tokens_per_s"), interval(j, "tokens_per_s")),
+                         speedup, predicted_cell(j),
+                         with_interval(j.value("acceptance_rate"), interval(j, "acceptance_rate"), 3),
+                         with_interval(j.value("acceptance_length"), interval(j, "acceptance_length"), 3),
+                         _fmt(j.value("tokens_per_target_forward")), alpha_cell(j), pass_at_1(j),
+                         j.value("new_tokens"), j.name, lossless(j), indistinct_cell(j)])
         else:
-            rows.append([j.target, strategy(j), f"**{j.status}**", "", "", "", "", "", "", j.name, ""])
-    return _table(["target", "strategy", "tokens/s", "speedup", "acceptance rate", "acceptance length",
-                   "tokens/target forward", "pass@1", "new tokens", "job", "lossless"], rows)
+            rows.append([j.target, strategy(j), f"**{j.status}**", *[""] * 9, j.name, "", ""])
+    return _table(["target", "strategy", "tokens/s", "speedup", "predicted", "acceptance rate", "acceptance length",
+                   "tokens/target forward", "α1 α2 α3 α4", "pass@1", "new tokens", "job", "lossless",
+                   "not distinguishable from"], rows)
+
+
+def indistinct_cell(job: Job) -> str:
+    """The same sweep's runs this one is not distinguishable from, and how many of other sweeps."""
+    here = [name for name in job.indistinct if "/" not in name]
+    others = len(job.indistinct) - len(here)
+    return ", ".join(here + ([f"+{others} in other sweeps"] if others else [])) or "-"
+
+
+def pass_at_1(job: Job) -> str:
+    evaluation = job.value("evaluation") or {}
+    if evaluation.get("pass_at_1") is None:
+        return "-"
+    return f"{with_interval(evaluation['pass_at_1'], interval(job, 'pass_at_1'), 3)} (n={evaluation.get('evaluated')})"
+
+
+def position_table(jobs: list[Job]) -> list[str]:
+    """alpha_k with its interval per drafted run, and for trees the share of steps (with an accepted
+    token) whose accepted path leaves the top-ranked branch."""
+    drafted = [j for j in jobs if j.ok and alphas(j)]
+    if not drafted:
+        return []
+    depth = max(len(alphas(j)) for j in drafted)
+    rows = []
+    for j in drafted:
+        records = ((j.uncertainty or {}).get("alpha") or [])[:depth]
+        cells = [with_interval(a, records[k] if k < len(records) and records[k].get("lo") is not None else None)
+                 for k, a in enumerate(alphas(j))]
+        rows.append([j.name, strategy(j), *cells, *[""] * (depth - len(cells)), _fmt(j.value("off_top_share"), 2)])
+    return _table(["job", "strategy", *(f"α{k}" for k in range(1, depth + 1)), "off-top share"], rows)
+
+
+def slower_lines(jobs: list[Job]) -> list[str]:
+    """Per drafted run: how many prompts ran slower than on its baseline, the slowest few named."""
+    lines = []
+    for j in jobs:
+        record = j.uncertainty or {}
+        if not j.ok or j.draft == "none" or not record.get("prompt_speedups"):
+            continue
+        slow = sorted((x, t) for t, x in record["prompt_speedups"] if x < 1)
+        named = ", ".join(f"{t} {x:.2f}x" for x, t in slow[:5]) + (" ..." if len(slow) > 5 else "")
+        lines.append(f"- job {j.name} ({strategy(j)}): {len(slow)} of {record['paired_prompts']} prompts"
+                     + (f": {named}" if slow else ""))
+    return lines
+
+
+def repeat_table(jobs: list[Job]) -> list[str]:
+    """Run-to-run spread apart from prompt-to-prompt spread, for runs with repeats > 1."""
+    rows = []
+    for j in jobs:
+        record = j.uncertainty or {}
+        spread = record.get("spread") or {}
+        if not j.ok or spread.get("repeats", 1) < 2:
+            continue
+        rows.append([j.name, strategy(j), spread["repeats"],
+                     " ".join(f"{x:.2f}" for x in spread.get("tokens_per_s_by_repeat", [])),
+                     " ".join(f"{x:.2f}" for x in record.get("speedup_by_repeat", [])) or "-",
+                     _fmt(spread.get("run_to_run_cv")), _fmt(spread.get("within_prompt_cv")),
+                     _fmt(spread.get("prompt_to_prompt_cv"))])
+    return _table(["job", "strategy", "repeats", "tokens/s per pass", "speedup per pass", "run-to-run CV",
+                   "within-prompt CV (median)", "prompt-to-prompt CV"], rows) if rows else []
 
 
 def lossless(job: Job) -> str:
@@ -365,10 +504,15 @@ def acceptance_table(jobs: list[Job]) -> list[str]:
         steps = j.value("verify_steps")
         per_step = j.value("draft_tokens") / steps if steps else None
         rows.append([j.target, j.draft, j.tree.get("shape"), tree_label(j), draft_nodes(j), _fmt(per_step, 2),
-                     _fmt(j.value("acceptance_rate")), _fmt(j.value("acceptance_length")),
-                     _fmt(j.value("tokens_per_s"), 2), _fmt(j.speedup, 2, "x"), f"{j.sweep}/{j.name}"])
+                     with_interval(j.value("acceptance_rate"), interval(j, "acceptance_rate"), 3),
+                     with_interval(j.value("acceptance_length"), interval(j, "acceptance_length"), 3),
+                     alpha_cell(j), _fmt(j.value("off_top_share"), 2),
+                     with_interval(j.value("tokens_per_s"), interval(j, "tokens_per_s")),
+                     with_interval(j.speedup, interval(j, "speedup"), 2, "x"), predicted_cell(j),
+                     f"{j.sweep}/{j.name}"])
     return _table(["target", "draft", "shape", "tree", "draft tokens (nodes)", "drafted per step",
-                   "acceptance rate", "acceptance length", "tokens/s", "speedup", "job"], rows)
+                   "acceptance rate", "acceptance length", "α1 α2 α3 α4", "off-top share", "tokens/s", "speedup",
+                   "predicted", "job"], rows)
 
 
 # ---- plots -------------------------------------------------------------------------------------
@@ -442,6 +586,56 @@ def plot_acceptance(jobs: list[Job], path: Path) -> Path:
     return path
 
 
+def plot_positions(jobs: list[Job], path: Path) -> Path | None:
+    """alpha_k against draft position (a tree's depth), one line per drafted run, with 95% bars."""
+    drafted = [j for j in jobs if j.ok and alphas(j)]
+    if not drafted:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, j in enumerate(drafted):
+        values = alphas(j)
+        x = [k + 1 for k, a in enumerate(values) if a is not None]
+        y = [a for a in values if a is not None]
+        records = (j.uncertainty or {}).get("alpha") or []
+        bars = [records[k - 1] if k - 1 < len(records) and records[k - 1].get("lo") is not None else None for k in x]
+        err = [[a - (r["lo"] if r else a) for a, r in zip(y, bars)], [(r["hi"] if r else a) - a for a, r in zip(y, bars)]]
+        ax.errorbar([k + 0.04 * (i - len(drafted) / 2) for k in x], y, yerr=err, marker="o", capsize=3,
+                    label=f"{j.name}: {strategy(j)}")
+    ax.set_xlabel("draft position k (tree depth)")
+    ax.set_ylabel("α_k = P(k accepted | 1..k-1 accepted)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    fig.suptitle(f"Per-position acceptance: {drafted[0].sweep}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_prompt_speedups(jobs: list[Job], path: Path) -> Path | None:
+    """Each drafted run's per-prompt speedups over its baseline (dots), their spread (box), 1x marked."""
+    paired = [j for j in jobs if j.ok and j.draft != "none" and (j.uncertainty or {}).get("prompt_speedups")]
+    if not paired:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(paired)))
+    data = [[x for _, x in j.uncertainty["prompt_speedups"]] for j in paired]
+    ax.boxplot(data, orientation="horizontal", widths=0.5, showfliers=False)
+    for i, values in enumerate(data, 1):
+        ax.scatter(values, [i] * len(values), s=12, alpha=0.6, color=["C3" if x < 1 else "C0" for x in values])
+    ax.axvline(1.0, color="k", linewidth=0.8, linestyle="--")
+    ax.set_yticks(range(1, len(paired) + 1), [f"{j.name}: {strategy(j)}" for j in paired])
+    ax.invert_yaxis()
+    ax.set_xlabel("per-prompt speedup over the baseline (red: slower)")
+    fig.suptitle(f"Paired per-prompt speedups: {paired[0].sweep}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # ---- the report --------------------------------------------------------------------------------
 
 def build_report(jobs: list[Job], sweep_dirs: list[Path], out_dir: Path) -> str:
@@ -458,13 +652,38 @@ def build_report(jobs: list[Job], sweep_dirs: list[Path], out_dir: Path) -> str:
              "on the same machine, named in the table); pass@1 with n = k = 1 (sandboxed HumanEval); lossless = "
              "greedy outputs against that draft=none run's, per sample: exact, ties (they part only where the "
              "target's top-2 logits there are a numeric tie, within a few ulps of its dtype: 8 for bf16, 64 for "
-             "fp32), DIVERGED (some sample parts at a larger margin: a bug), n/a (no such run, or sampling).", ""]
+             "fp32), DIVERGED (some sample parts at a larger margin: a bug), n/a (no such run, or sampling).", "",
+             "Intervals: `x [lo, hi]` is a 95% bootstrap interval over prompts "
+             f"({uncertainty.DRAWS} resamples, seed {uncertainty.SEED}; a prompt's repeats stay together); a "
+             "speedup's resamples take the same prompts for the run and its baseline (paired). 'not "
+             "distinguishable from' lists the runs against the same baseline whose speedup differs from this "
+             "one's by less than the interval of that difference (paired the same way: it holds 0); the "
+             "baseline itself is listed when the speedup's interval holds 1. predicted = the speedup the run's "
+             "measured acceptance predicts on the machine's cached verify-cost curve t(n)/t(1): "
+             "sum(accepted + 1) / sum t(draft + 1)/t(1) over its steps, with drafting free / at its measured "
+             "time (one number where they agree; prefill left out). α_k = accepted_k / offered_k: how often draft position k (a tree's depth k) was accepted "
+             "when positions 1..k-1 were; off-top share = the share of tree steps with an accepted token whose "
+             "accepted path leaves the top-ranked child somewhere.", ""]
     for label in dict.fromkeys(j.sweep for j in jobs):
         sweep = [j for j in jobs if j.sweep == label]
         bad = [j for j in sweep if not j.ok]
         lines += [f"## {label}", "", f"`{sweep[0].sweep_dir}`: {len(sweep) - len(bad)} finished, "
                   f"{sum(j.status == 'failed' for j in bad)} failed, {sum(j.status == 'missing' for j in bad)} missing.",
                   "", *provenance(sweep), "", settings_line(sweep), "", *strategy_table(sweep), ""]
+        positions = position_table(sweep)
+        if positions:
+            lines += ["Per-position acceptance α_k (95% intervals):", "", *positions, ""]
+            plot = plot_positions(sweep, out_dir / f"positions_{_slug(label)}.png")
+            lines += [f"![per-position acceptance of {label}]({plot.name})", ""]
+        slower = slower_lines(sweep)
+        if slower:
+            plot = plot_prompt_speedups(sweep, out_dir / f"prompts_{_slug(label)}.png")
+            lines += ["Prompts slower than the baseline (per-prompt speedup < 1, paired by task id):", "", *slower, "",
+                      f"![per-prompt speedups of {label}]({plot.name})", ""]
+        repeats = repeat_table(sweep)
+        if repeats:
+            lines += ["Repeats: run-to-run spread (whole passes; one prompt across passes) apart from "
+                      "prompt-to-prompt spread (coefficients of variation of tokens/s):", "", *repeats, ""]
         audited = audit_table(sweep)
         if audited:
             lines += ["Losslessness audit (first differing token per sample; margin = the reference's top-1 minus "
@@ -514,7 +733,9 @@ def publish_wandb(markdown: str, jobs: list[Job], sweep_dirs: list[Path], projec
               wr.BarPlot(title="pass@1", metrics=["evaluation/pass_at_1"]),
               wr.ScatterPlot(title="acceptance rate vs draft tokens", x="tree_nodes", y="acceptance_rate"),
               wr.ScatterPlot(title="acceptance length vs draft tokens", x="tree_nodes", y="acceptance_length"),
-              wr.BarPlot(title="time breakdown (s)", metrics=list(TIME_PARTS))]
+              wr.BarPlot(title="time breakdown (s)", metrics=list(TIME_PARTS)),
+              wr.BarPlot(title="per-position acceptance α_1..α_4", metrics=[f"alpha_by_position/{k}" for k in range(1, 5)]),
+              wr.BarPlot(title="predicted speedup (verify-cost curve)", metrics=["predicted/speedup"])]
     body = re.sub(r"!\[[^\]]*\]\([^)]*\)\n?", "", markdown)  # the PNGs are local files
     try:
         report = wr.Report(entity=entity, project=project, title="specsweep report",

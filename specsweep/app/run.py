@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from specsweep.app import datasets, models
+from specsweep.app import datasets, models, prediction, uncertainty
 from specsweep.app import resume as resumption
 from specsweep.app.results import METRICS, SAMPLES, environment, git_commit, lock_hash, machine_fingerprint, write_json, write_jsonl
 from specsweep.app.signals import sigterm_raises
@@ -137,6 +137,7 @@ def check_decode(cfg: DictConfig) -> Checked:
     prompts = datasets.load_prompts(cfg.dataset)
     hw = hardware.resolve(cfg.hardware)
     check_tree_fits(hw, shape)
+    uncertainty.repeats_setting(cfg)
     return Checked(sampling, shape, evaluate, prompts, hw, resolve_model_dirs(cfg))
 
 
@@ -151,8 +152,10 @@ def decode(cfg: DictConfig, checked: Checked, run_dir: Path, choices: dict, grou
     hw, model_dirs = checked.hardware, checked.model_dirs
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # samples.jsonl of the same config, commit and lock: continue after its last finished sample
+    repeats = uncertainty.repeats_setting(cfg)
+    order = uncertainty.schedule(len(prompts), repeats)  # (repeat, prompt index) in decode order
     resume = resumption.begin(run_dir, {"config": resolved, "git_commit": git_commit(), "lock_sha256": lock_hash()},
-                              prompts)
+                              [prompts[i] for _, i in order])
 
     tokenizer = models.load_tokenizer(model_dirs["target.path"])
     encoded = [datasets.encode_prompt(tokenizer, r, cfg.dataset.prompt_format) for r in prompts]
@@ -163,23 +166,31 @@ def decode(cfg: DictConfig, checked: Checked, run_dir: Path, choices: dict, grou
                                    lock_hash())
     if drafter is not None:
         drafter.prepare(encoded)
+    # the verify-cost curve the predicted speedup reads (timed now, untimed, where not cached)
+    key = cost_key(cfg.target.path, hw)
+    curve_path = cost_path(Path(cfg.cache_dir), key)
+    seconds = (prediction.verify_curve(curve_path, key, engine.max_draft + 1, engine.runner,
+                                       torch.tensor([encoded[0]], device=hw.device), hw.device)
+               if drafter is not None and encoded else {1: 1.0})  # autoregressive: t(1)/t(1) is all it uses
 
     header = {**shape_record(shape), "config": resolved, "choices": choices, "hardware": hw.describe(),
               "row_blocks": row_blocks(target), "exactness": probe, **environment()}
     samples = resume.samples
     stats = [resumption.stats_of(s) for s in samples]  # resumed samples count with their own timings
     with make_tracker(cfg.logger, resolved, choices, run_dir, group) as tracker, _progress() as progress:
-        task = progress.add_task("decoding", total=len(prompts), completed=len(samples), rate="")
-        for index, sample in enumerate(samples):
-            tracker.log_sample(index, sample)  # this start's W&B run holds the whole series
-        for index in range(len(samples), len(prompts)):
+        task = progress.add_task("decoding", total=len(order), completed=len(samples), rate="")
+        for count, sample in enumerate(samples):
+            tracker.log_sample(count, sample)  # this start's W&B run holds the whole series
+        for count in range(len(samples), len(order)):
+            repeat, index = order[count]
             record, prompt_ids = prompts[index], encoded[index]
-            generator.manual_seed(cfg.seed + index)  # each sample reproducible on its own
+            generator.manual_seed(cfg.seed + index)  # each sample reproducible on its own (every repeat alike)
             ids = torch.tensor([prompt_ids], dtype=torch.long, device=hw.device)
             result = engine.generate(ids)
             stats.append(result.stats)
             samples.append({
                 "task_id": record["task_id"],
+                "repeat": repeat,
                 "prompt_ids": prompt_ids,
                 "output_ids": result.output_ids,
                 "text": tokenizer.decode(result.output_ids, skip_special_tokens=True),
@@ -189,16 +200,17 @@ def decode(cfg: DictConfig, checked: Checked, run_dir: Path, choices: dict, grou
                 **({"margins": result.margins, "top_logits": result.top_logits} if result.margins is not None else {}),
             })
             write_jsonl(run_dir / SAMPLES, samples)  # rewritten whole, atomically: never half a file
-            tracker.log_sample(index, samples[-1])
+            tracker.log_sample(count, samples[-1])
             progress.update(task, advance=1, rate=f"{summarize(stats)['tokens_per_s']:.1f} tok/s")
 
-        metrics = {**summarize(stats), "draft_counters": drafter.counters() if drafter else {}, **header,
-                   "resume": resume.record()}
+        metrics = {**summarize(stats), "repeats": repeats, "draft_counters": drafter.counters() if drafter else {},
+                   **header, "resume": resume.record()}
+        metrics["predicted"] = prediction.predict(samples, seconds, curve_path if drafter is not None else None)
         if engine.length_policy is not None:  # the curve used, the lengths chosen; the refined curve cached
             metrics["draft_length"] = engine.length_policy.record()
             engine.length_policy.costs.save()
-        if evaluate:  # after decoding: scoring is outside every timer
-            fields, metrics["evaluation"] = pass_at_1.score_samples(samples, prompts, cfg.evaluation,
+        if evaluate:  # after decoding: scoring is outside every timer; the first pass only (repeats alike)
+            fields, metrics["evaluation"] = pass_at_1.score_samples(samples[:len(prompts)], prompts, cfg.evaluation,
                                                                     cfg.dataset.prompt_format)
             metrics["pass_at_1"] = metrics["evaluation"]["pass_at_1"]
             for sample, scored in zip(samples, fields):

@@ -105,6 +105,7 @@ class TopLevel:
 
     job: str = "specsweep.app.run.run_decode"
     seed: int = num(0, min=0)
+    repeats: int = num(1, min=1)  # decode every prompt this many times (specsweep.app.uncertainty.schedule)
     cache_dir: str = "~/.cache/specsweep"
     download: bool = False
     evaluate: Any = one_of("auto", "auto", True, False)

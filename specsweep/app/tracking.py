@@ -164,6 +164,8 @@ def flat_numbers(metrics: dict, prefix: str = "") -> dict:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flat_numbers(value, name + "/"))
+        elif isinstance(value, list) and key.endswith("_by_position"):  # alpha_by_position/1, /2, ...
+            out.update(flat_numbers({str(k): v for k, v in enumerate(value, 1)}, name + "/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[name] = value
     return out

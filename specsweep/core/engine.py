@@ -33,6 +33,11 @@ class SampleStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     accepted_per_step: list[int] = field(default_factory=list)
+    # per step, for per-position acceptance and the predicted speedup (specsweep.core.stats): the draft
+    # tokens sent (a tree's nodes) and the draft's depth (a chain's length); 0 where nothing was drafted
+    drafted_per_step: list[int] = field(default_factory=list)
+    depth_per_step: list[int] = field(default_factory=list)
+    off_top_steps: int = 0  # tree steps whose accepted path takes a child of sibling rank > 0
 
 
 @dataclass
@@ -197,6 +202,12 @@ class Engine:
             stats.draft_tokens += n
             stats.accepted_tokens += accepted
             stats.accepted_per_step.append(accepted)
+            stats.drafted_per_step.append(n)
+            if n and draft.tree is not None:  # python ints only: the tree's depth is cached
+                stats.depth_per_step.append(draft.tree.depth)
+                stats.off_top_steps += any(draft.tree.ranks[i] for i in path)
+            else:
+                stats.depth_per_step.append(n)
             if policy is not None:
                 policy.observe(draft, len(path), t2 - t1)
 

@@ -4,7 +4,10 @@
         --ours "ar=draft=none" "pld=draft=prompt-lookup tree.depth=8" "best=experiment=best"
 
 Every strategy decodes the same prompts on the same loaded target in one process, interleaved
-prompt by prompt (round robin) so that machine noise spreads evenly; speeds are compared as ratios.
+prompt by prompt (round robin) so that machine noise spreads evenly; speeds are compared as ratios,
+with a 95% bootstrap interval over prompts paired with our AR run (`specsweep.app.uncertainty`).
+``--repeats N`` decodes every prompt N times, pass after pass (strategies still interleaved in each),
+and reports the run-to-run spread of whole passes.
 Our strategies are composed from the same Hydra configs as the app. Every output is checked against
 our autoregressive output, and HF's too, with the sweeps' audit (`specsweep.app.audit`: exact, ties
 where the outputs part at a numeric tie of the target's logits, DIVERGED otherwise; the exit status
@@ -32,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from specsweep import CONF_DIR
-from specsweep.app import audit, datasets, models
+from specsweep.app import audit, datasets, models, uncertainty
 from specsweep.app.results import environment, lock_hash
 from specsweep.app.run import build_engine, check_tree_fits, decoding_settings, resolve_model_dirs
 from specsweep.backends import exactness, hardware
@@ -51,6 +54,7 @@ class Strategy:
     seconds: float = 0.0
     tokens: int = 0
     overrides: str = ""
+    timed: list = field(default_factory=list)  # per call: {task_id, repeat, new_tokens, wall_s} (uncertainty)
 
 
 def compose_cfg(overrides: list[str]):
@@ -119,11 +123,15 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="OVERRIDE",
                         help="Hydra overrides for every strategy and the shared target, e.g. hardware.dtype=bfloat16")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="decode every prompt this many times: pass after pass, strategies interleaved in each")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "specsweep"))
     parser.add_argument("--out", default="results/bench")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        raise SpecsweepError(f"--repeats {args.repeats}: must be >= 1")
 
     common = [f"decode.max_new_tokens={args.max_new_tokens}", f"cache_dir={args.cache_dir}", *args.set]
     base = compose_cfg(common)
@@ -157,27 +165,35 @@ def main(argv=None) -> int:
     warmup = prompts[0][:, :32]
     for s in strategies:
         s.run(warmup)
-    for i, ids in enumerate(prompts):
+    # repeat r of every prompt after repeat r - 1 of all; within a prompt, every strategy in turn
+    for repeat, i in uncertainty.schedule(len(prompts), args.repeats):
         for s in strategies:
             synchronize(hw.device)
             start = time.perf_counter()
-            out, stats, tops = s.run(ids)
+            out, stats, tops = s.run(prompts[i])
             synchronize(hw.device)
-            s.seconds += time.perf_counter() - start
+            wall = time.perf_counter() - start
+            s.seconds += wall
             s.tokens += len(out)
-            s.outputs.append(out)
-            s.margins.append(tops)
+            s.timed.append({"task_id": i, "repeat": repeat, "new_tokens": len(out), "wall_s": wall})
+            if repeat == 0:  # repeats decode the same tokens: the first pass is audited
+                s.outputs.append(out)
+                s.margins.append(tops)
             if stats is not None:
                 s.stats.append(stats)
-        console.print(f"prompt {i + 1}/{len(prompts)} done", style="dim")
+        console.print(f"prompt {i + 1}/{len(prompts)}" + (f" (pass {repeat + 1}/{args.repeats})" if args.repeats > 1
+                                                           else "") + " done", style="dim")
 
     rows = report(strategies, hw.describe()["dtype"])
-    table = Table("strategy", "tok/s", "x HF gen", "x our AR", "acc. len", "acc. rate",
-                  "Leviathan", "bound", "of bound", "lossless", title=f"{len(prompts)} prompts, {args.max_new_tokens} new tokens")
+    table = Table("strategy", "tok/s", "x HF gen", "x our AR [95%]", "run-to-run CV", "acc. len", "acc. rate",
+                  "Leviathan", "bound", "of bound", "lossless",
+                  title=f"{len(prompts)} prompts x {args.repeats} repeats, {args.max_new_tokens} new tokens")
     for r in rows:
+        ci = f" [{r['vs_our_ar_lo']:.2f}, {r['vs_our_ar_hi']:.2f}]" if r.get("vs_our_ar_lo") is not None else ""
         table.add_row(r["strategy"], f"{r['tokens_per_s']:.2f}", _f(r["vs_hf_generate"]),
-                      _f(r["vs_our_ar"]), _f(r["acceptance_length"]), _f(r["acceptance_rate"]),
-                      _f(r["leviathan_speedup"]), _f(r["bound_speedup"]), _f(r["fraction_of_bound"]), r["lossless"])
+                      _f(r["vs_our_ar"]) + ci, _f(r["run_to_run_cv"], 3), _f(r["acceptance_length"]),
+                      _f(r["acceptance_rate"]), _f(r["leviathan_speedup"]), _f(r["bound_speedup"]),
+                      _f(r["fraction_of_bound"]), r["lossless"])
     console.print(table)
     for r in rows:
         if r["lossless"] == audit.DIVERGED:
@@ -205,10 +221,18 @@ def report(strategies: list[Strategy], dtype: str) -> list[dict]:
         m = summarize(s.stats) if s.stats else {}
         leviathan, predicted = bounds(s.stats, ar_step_s) if s.stats and ar_step_s else (None, None)
         achieved = tps / ar_tps
+        # paired prompt by prompt with our AR (bootstrap over prompts) and the spread of whole passes
+        paired = uncertainty.paired_speedup(uncertainty.fold(s.timed), uncertainty.fold(reference.timed)) \
+            if s.timed and reference.timed else {}
+        interval = paired.get("speedup") or {}
+        spread = uncertainty.spread(uncertainty.fold(s.timed)) if s.timed else {}
         rows.append({
             "strategy": s.name, "overrides": s.overrides, "tokens": s.tokens, "seconds": s.seconds,
             "tokens_per_s": tps, "vs_hf_generate": tps / (hf_base.tokens / hf_base.seconds) if hf_base else None,
-            "vs_our_ar": achieved, "acceptance_length": m.get("acceptance_length"),
+            "vs_our_ar": achieved, "vs_our_ar_lo": interval.get("lo"), "vs_our_ar_hi": interval.get("hi"),
+            "slower_prompts": len(paired.get("slower_than_baseline", [])), "repeats": spread.get("repeats"),
+            "run_to_run_cv": spread.get("run_to_run_cv"), "prompt_to_prompt_cv": spread.get("prompt_to_prompt_cv"),
+            "acceptance_length": m.get("acceptance_length"),
             "acceptance_rate": m.get("acceptance_rate"), "leviathan_speedup": leviathan,
             "bound_speedup": predicted, "fraction_of_bound": achieved / predicted if predicted else None,
             **(audit.columns(audit.not_audited("the reference", audit.REFERENCE)) if s is reference
@@ -217,8 +241,8 @@ def report(strategies: list[Strategy], dtype: str) -> list[dict]:
     return rows
 
 
-def _f(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _f(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def write(out: Path, rows: list[dict], argv, prompts: int, args, hw) -> None:
@@ -234,7 +258,7 @@ def write(out: Path, rows: list[dict], argv, prompts: int, args, hw) -> None:
             "machine": f"{env['cpu'] or platform.machine()}, {env['cpu_count']} cores, "
                        f"torch {env['torch']} ({torch.get_num_threads()} threads), {hw.describe()['device']}",
             "hardware": hw.describe(), "git_commit": env["git_commit"], "environment": env, "prompts": prompts,
-            "max_new_tokens": args.max_new_tokens, "rows": rows}
+            "max_new_tokens": args.max_new_tokens, "repeats": getattr(args, "repeats", 1), "rows": rows}
     (out / f"speed_{stamp}.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
 
 
