@@ -250,3 +250,48 @@ def test_heads_and_prompt_lookup_merged_are_the_targets_own_output(trained, targ
     result = decode(target, union, 8, prompt)
     assert result.output_ids == reference
     assert union.trees > 0 and result.stats.accepted_tokens > 0
+
+
+@pytest.mark.slow
+def test_the_trainer_writes_heads_a_decode_job_then_uses(model_dirs, tmp_path):
+    """`experiment=train_heads` end to end on a tiny local target: a checkpoint where draft=medusa
+    looks, a second call keeps it, a decode job with it is lossless, another target is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"task_id": "a", "prompt": "def add(a, b):\n    return"}) + "\n")
+    common = ["target=local", f"target.path={model_dirs['target']}", f"cache_dir={tmp_path / 'cache'}", "draft=medusa"]
+    train = ["experiment=train_heads", "logger=none", "hardware.dtype=float32", "train.heads=2", "train.vocab=64",
+             "train.corpus_tokens=3000", "train.humaneval.limit=4", "train.generate.prompts=4",
+             "train.generate.functions=4", "train.generate.new_tokens=16", "train.phase1_steps=20",
+             "train.phase2_steps=10", "train.eval_every=10", "train.batch=64"]
+    decode = ["dataset=jsonl", f"dataset.path={prompts}", "decode.max_new_tokens=12", "hardware=cpu", "evaluate=false"]
+    heads = ["draft.heads=2", "tree.depth=2"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+
+    def specsweep(*args):
+        return subprocess.run([sys.executable, "-m", "specsweep", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    first = specsweep(*common, *train, f"hydra.run.dir={tmp_path / 'train1'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "cache" / "heads" / "local" / "medusa.pt"
+    metrics = json.loads((tmp_path / "train1" / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(checkpoint) and len(metrics["top1"]) == 2
+    assert metrics["data"]["generated_sequences"] == 8 and metrics["lock_sha256"]
+    again = specsweep(*common, *train, f"hydra.run.dir={tmp_path / 'train2'}")
+    assert again.returncode == 0 and "up to date" in again.stdout
+    run = specsweep(*common, *decode, *heads, f"hydra.run.dir={tmp_path / 'decode'}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    ar = specsweep(*common[:3], "draft=none", *decode, f"hydra.run.dir={tmp_path / 'ar'}")
+    outputs = [json.loads((tmp_path / d / "samples.jsonl").read_text().splitlines()[0])["output_ids"]
+               for d in ("decode", "ar")]
+    assert ar.returncode == 0 and outputs[0] == outputs[1]
+    other = specsweep(*common[:1], f"target.path={model_dirs['draft']}", *common[2:], *decode, *heads,
+                      f"draft.checkpoint={checkpoint}", f"hydra.run.dir={tmp_path / 'other'}")
+    assert other.returncode == 2
+    errors = [line for line in other.stderr.splitlines() if line.startswith("specsweep: error:")]
+    assert len(errors) == 1 and "trained for target local" in errors[0] and "Traceback" not in other.stderr

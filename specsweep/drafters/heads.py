@@ -25,6 +25,7 @@ refused with one line.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -131,6 +132,7 @@ def save_checkpoint(path: Path, network: nn.Module, vocab: torch.Tensor, fingerp
     """Write a checkpoint atomically (a temp file renamed over ``path``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.loads(json.dumps(meta, default=str))  # plain types only: loading stays weights_only
     record = {"format": FORMAT, "kind": network.kind, "hidden": network.hidden, "heads": network.heads,
               "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
               "vocab": vocab.cpu(), "target_fingerprint": fingerprint, **meta}
