@@ -47,6 +47,8 @@ class HeadsDrafter(Drafter):
     def build(cls, ctx, *, heads, checkpoint) -> HeadsDrafter:
         name = Path(str(ctx.target.name_or_path)).name
         network, vocab, record = load_checkpoint(Path(checkpoint), cls.kind, target_fingerprint(ctx.target), name)
+        record = {"checkpoint": str(checkpoint), "trained_heads": network.heads, "vocab": int(vocab.numel()),
+                  "trained_top1": record.get("metrics", {}).get("top1")}
         return cls(ctx.target, network, vocab, heads, ctx.sampling, ctx.generator,
                    packed=ctx.hardware.prepack_linear, record=record)
 
@@ -62,11 +64,16 @@ class HeadsDrafter(Drafter):
         self.vocab_size = target.config.vocab_size
         self.output = _Output(output_rows(target, vocab), packed and dtype == torch.bfloat16 and device.type == "cpu")
         self.embed = target.get_input_embeddings()
-        self.record = record or {}
+        self.record = record or {}  # what metrics.json's draft_counters say of the checkpoint
         self.hidden: torch.Tensor | None = None
 
     def on_hidden(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
+
+    def counters(self) -> dict:
+        """The checkpoint and its heads' held-out top-1 agreement from training (per head used)."""
+        top1 = self.record.get("trained_top1")
+        return {**self.record, "heads_used": self.heads, "trained_top1": top1[:self.heads] if top1 else None}
 
     def _full(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [..., V'] -> over the target's vocabulary (-inf elsewhere)."""
