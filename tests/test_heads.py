@@ -295,3 +295,18 @@ def test_the_trainer_writes_heads_a_decode_job_then_uses(model_dirs, tmp_path):
     assert other.returncode == 2
     errors = [line for line in other.stderr.splitlines() if line.startswith("specsweep: error:")]
     assert len(errors) == 1 and "trained for target local" in errors[0] and "Traceback" not in other.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.heads=0", "train.heads=0: must be an integer >= 1"),
+    ("train.validation_every=abc", "train.validation_every='abc'"),
+    ("train.lr=-1", "train.lr=-1: must be a positive number"),
+    ("train.humaneval.limit=130", "held-out"),
+    ("draft=prompt-lookup", "trains draft=medusa or draft=speculator"),
+])
+def test_bad_training_settings_are_refused_before_anything_loads(override, message):
+    from specsweep.tools.bench import compose_cfg
+    from specsweep.tools.train_heads import check_settings
+
+    with pytest.raises(SpecsweepError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_settings(compose_cfg(["experiment=train_heads", override]))

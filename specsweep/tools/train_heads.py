@@ -37,8 +37,10 @@ from specsweep.tools import head_data
 log = logging.getLogger(__name__)
 console = Console()
 IGNORE = -100  # no label (past the sequence's end)
-POSITIVE = ("heads", "vocab", "seq_len", "corpus_tokens", "batch", "batch_tokens", "eval_every")
-NON_NEGATIVE = ("phase1_steps", "phase2_steps", "generate.prompts", "generate.functions", "generate.new_tokens")
+POSITIVE = ("heads", "vocab", "seq_len", "corpus_tokens", "batch", "batch_tokens", "eval_every", "validation_every",
+            "generate.batch", "humaneval.limit")
+NON_NEGATIVE = ("phase1_steps", "phase2_steps", "generate.prompts", "generate.functions", "generate.new_tokens",
+                "humaneval.offset")
 
 
 def check_settings(cfg: DictConfig) -> str:
@@ -57,8 +59,6 @@ def check_settings(cfg: DictConfig) -> str:
         raise SpecsweepError("train.phase1_steps and train.phase2_steps are both 0: nothing to train")
     if not isinstance(train.lr, (int, float)) or not train.lr > 0:
         raise SpecsweepError(f"train.lr={train.lr!r}: must be a positive number")
-    if not 1 <= train.validation_every:
-        raise SpecsweepError(f"train.validation_every={train.validation_every!r}: must be >= 1")
     head_data.humaneval_prompts(train.humaneval.offset, train.humaneval.offset + train.humaneval.limit)
     return cls.kind
 
