@@ -526,6 +526,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, title: str, path: Path) -> Path:
+    """Title, lay out, write and close a figure -> its path."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_time_breakdown(jobs: list[Job], path: Path) -> Path | None:
     """Stacked bars: milliseconds per new token spent in prefill / draft / verify / other."""
     ok = [j for j in jobs if j.ok and j.value("new_tokens")]
@@ -543,11 +552,7 @@ def plot_time_breakdown(jobs: list[Job], path: Path) -> Path | None:
     ax.invert_yaxis()  # job order top to bottom
     ax.set_xlabel("ms per new token")
     ax.legend(ncol=len(TIME_PARTS), loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False, fontsize="small")
-    fig.suptitle(f"Time breakdown: {ok[0].sweep}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, f"Time breakdown: {ok[0].sweep}", path)
 
 
 def plot_acceptance(jobs: list[Job], path: Path) -> Path:
@@ -579,11 +584,7 @@ def plot_acceptance(jobs: list[Job], path: Path) -> Path:
         ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
-    fig.suptitle(f"Acceptance vs draft tokens: target {jobs[0].target}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, f"Acceptance vs draft tokens: target {jobs[0].target}", path)
 
 
 def plot_positions(jobs: list[Job], path: Path) -> Path | None:
@@ -607,11 +608,7 @@ def plot_positions(jobs: list[Job], path: Path) -> Path | None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small")
-    fig.suptitle(f"Per-position acceptance: {drafted[0].sweep}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, f"Per-position acceptance: {drafted[0].sweep}", path)
 
 
 def plot_prompt_speedups(jobs: list[Job], path: Path) -> Path | None:
@@ -629,11 +626,7 @@ def plot_prompt_speedups(jobs: list[Job], path: Path) -> Path | None:
     ax.set_yticks(range(1, len(paired) + 1), [f"{j.name}: {strategy(j)}" for j in paired])
     ax.invert_yaxis()
     ax.set_xlabel("per-prompt speedup over the baseline (red: slower)")
-    fig.suptitle(f"Paired per-prompt speedups: {paired[0].sweep}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, f"Paired per-prompt speedups: {paired[0].sweep}", path)
 
 
 # ---- the report --------------------------------------------------------------------------------
