@@ -108,7 +108,7 @@ class HeadsDrafter(Drafter):
         if isinstance(shape, Tree) and shape.is_chain:
             return self.propose(ids, shape.num_nodes)
         device = ids.device
-        root_logits = self._tree_root(ids[0, -1])
+        root_logits = self._full(self._first(ids[0, -1]))
         if isinstance(shape, DynamicTreeSpec):
             spec = DynamicTreeSpec(shape.budget, min(shape.depth, self.heads), shape.k)
             return grow_tree(root_logits, spec, self._expand, device)[0]
@@ -117,10 +117,6 @@ class HeadsDrafter(Drafter):
     def _expand(self, nodes: list[int], tokens: list[int], parents: list[int], depth: int) -> torch.Tensor:
         """Full-vocabulary logits after each of ``nodes`` (at ``depth``; draft tokens are token ids)."""
         return self._full(self._children(nodes, tokens, parents, depth))
-
-    def _tree_root(self, root: torch.Tensor) -> torch.Tensor:
-        self.node_state = {}
-        return self._full(self._first(root))
 
 
 class MedusaDrafter(HeadsDrafter):
