@@ -32,19 +32,19 @@ from specsweep.core.draft_length import POLICIES, LengthPolicy, VerifyCosts
 from specsweep.core.engine import Engine
 from specsweep.core.sampling import Sampling
 from specsweep.core.stats import summarize
-from specsweep.core.tree import DynamicTreeSpec, Tree, draft_nodes
-from specsweep.drafters import BuildContext, build_drafter, check_draft, model_paths
+from specsweep.core.tree import SelfShaped, StepShape, Tree, draft_nodes
+from specsweep.drafters import BuildContext, build_drafter, check_draft, model_paths, step_shape
 from specsweep.errors import SpecsweepError
 from specsweep.evaluation import pass_at_1
 
 log = logging.getLogger(__name__)
 
 
-def decoding_settings(cfg: DictConfig) -> tuple[Sampling, Tree | DynamicTreeSpec]:
+def decoding_settings(cfg: DictConfig) -> tuple[Sampling, StepShape]:
     """Validated sampling settings and the draft shape of every step."""
     try:
         sampling = Sampling(float(cfg.decode.temperature), int(cfg.decode.top_k), float(cfg.decode.top_p))
-        shape = Tree.from_config(cfg.tree)
+        shape = step_shape(cfg.draft, Tree.from_config(cfg.tree))
     except ValueError as err:
         raise SpecsweepError(str(err)) from None
     if cfg.decode.max_new_tokens < 1:
@@ -53,6 +53,9 @@ def decoding_settings(cfg: DictConfig) -> tuple[Sampling, Tree | DynamicTreeSpec
     policy = length_policy_name(cfg)
     if policy not in POLICIES:
         raise SpecsweepError(f"draft.length_policy={policy}: choose one of {', '.join(POLICIES)}")
+    if policy == "cost" and isinstance(shape, SelfShaped):
+        raise SpecsweepError(f"draft.length_policy=cost cuts the chains of tree=chain; draft={cfg.draft.name} "
+                             "shapes its steps itself: use draft.length_policy=fixed")
     if policy == "cost" and not (isinstance(shape, Tree) and shape.is_chain):
         raise SpecsweepError("draft.length_policy=cost cuts chains: use tree=chain (tree.depth is the longest draft)")
     return sampling, shape
@@ -63,7 +66,7 @@ def length_policy_name(cfg: DictConfig) -> str:
     return cfg.draft.get("length_policy", "fixed")
 
 
-def shape_record(shape: Tree | DynamicTreeSpec) -> dict:
+def shape_record(shape: StepShape) -> dict:
     """The draft shape in metrics.json: node budget and depth (what seed 001 plots against)."""
     return {"tree_nodes": draft_nodes(shape), "tree_depth": shape.depth}
 
@@ -74,7 +77,7 @@ def resolve_model_dirs(cfg: DictConfig) -> dict[str, Path]:
     return {k: models.resolve_model_dir(v, k, cfg.cache_dir, cfg.download) for k, v in paths.items()}
 
 
-def check_tree_fits(hw: hardware.Hardware, shape: Tree | DynamicTreeSpec) -> None:
+def check_tree_fits(hw: hardware.Hardware, shape: StepShape) -> None:
     hw.check_verify_size(draft_nodes(shape) + 1, "tree")  # a verify forward holds the root and every node
 
 
@@ -87,7 +90,7 @@ def load_draft_model(cfg: DictConfig, model_dirs: dict[str, Path], target_tokeni
 
 
 def build_engine(cfg: DictConfig, target, tokenizer, hw: hardware.Hardware, model_dirs: dict[str, Path],
-                 sampling: Sampling, shape: Tree | DynamicTreeSpec) -> Engine:
+                 sampling: Sampling, shape: StepShape) -> Engine:
     """The drafter of ``cfg.draft`` and the engine around it; drafter and engine share one generator."""
     generator = torch.Generator(device=hw.device)
     load = partial(load_draft_model, cfg, model_dirs, tokenizer, hw)
@@ -108,7 +111,7 @@ def cost_path(cache_dir: Path, key: dict) -> Path:
     return Path(cache_dir) / "costs" / f"{digest}.json"
 
 
-def length_policy(cfg: DictConfig, hw: hardware.Hardware, shape: Tree | DynamicTreeSpec) -> LengthPolicy | None:
+def length_policy(cfg: DictConfig, hw: hardware.Hardware, shape: StepShape) -> LengthPolicy | None:
     """`draft.length_policy: cost`: the policy, its verify-cost curve cached in cache_dir/costs/ for
     this machine, lock, target and hardware profile (None for `fixed`)."""
     if length_policy_name(cfg) != "cost":
@@ -122,7 +125,7 @@ class Checked:
     """A decode job's settings, every one checked before anything is loaded (`check_decode`)."""
 
     sampling: Sampling
-    shape: Tree | DynamicTreeSpec
+    shape: StepShape
     evaluate: bool
     prompts: list[dict]
     hardware: hardware.Hardware

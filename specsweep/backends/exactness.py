@@ -27,7 +27,7 @@ import torch
 
 from specsweep.backends.hardware import Hardware
 from specsweep.backends.machine import machine_fingerprint, machine_info
-from specsweep.core.tree import DynamicTreeSpec, Tree, draft_nodes
+from specsweep.core.tree import DynamicTreeSpec, SelfShaped, StepShape, Tree, draft_nodes
 from specsweep.errors import SpecsweepError
 from specsweep.files import write_json
 
@@ -48,9 +48,12 @@ class ProbeResult:
     key: str = ""
 
 
-def probe_tree(shape: Tree | DynamicTreeSpec | None) -> Tree | None:
+def probe_tree(shape: StepShape | None) -> Tree | None:
     """The tree the probe verifies for a run's draft shape: a fixed tree itself, for a dynamic one
-    the k-ary tree of its depth cut to its node budget; None for chains."""
+    the k-ary tree of its depth cut to its node budget, for a self-shaped one its largest step's;
+    None for chains."""
+    if isinstance(shape, SelfShaped):
+        return shape.largest
     if shape is None or (isinstance(shape, Tree) and shape.is_chain):
         return None
     if isinstance(shape, DynamicTreeSpec):
@@ -154,7 +157,7 @@ def run_probe(runner, model, hw: Hardware, largest: int, tree: Tree | None) -> P
                        round(time.perf_counter() - start, 2))
 
 
-def ensure_exact(runner, model, hw: Hardware, shape: Tree | DynamicTreeSpec | None, cache_dir: Path,
+def ensure_exact(runner, model, hw: Hardware, shape: StepShape | None, cache_dir: Path,
                  lock: str | None) -> dict | None:
     """Run (or read the cached verdict of) the probe for ``hw`` if it asks for one; refuse with one
     line if it fails. ``shape``: the run's draft shape, None for autoregressive decoding (one-row

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from specsweep.core.tree import DynamicTreeSpec, Tree
+from specsweep.core.tree import DynamicTreeSpec, SelfShaped, Tree
 from specsweep.errors import SpecsweepError
 
 
@@ -39,7 +39,8 @@ class Drafter:
     """
 
     #: the draft shapes it can fill: "chain", "tree" (a fixed shape, `propose_tree`), "dynamic"
-    #: (a `DynamicTreeSpec`, grown by draft probability)
+    #: (a `DynamicTreeSpec`, grown by draft probability), "self" (it shapes every step itself:
+    #: `self_shaped`)
     fills: tuple[str, ...] = ("chain",)
     #: config keys holding a model (a local dir or hub id) the app resolves and loads before the build
     #: (the loaded model: ``ctx.model(key)``)
@@ -56,6 +57,13 @@ class Drafter:
         dir, loaded draft models). By default the constructor takes the keys themselves."""
         return cls(**params)
 
+    @classmethod
+    def self_shaped(cls, params: dict) -> SelfShaped | None:
+        """Drafts that shape every step themselves (``fills = ("self",)``: Jacobi's block, lookahead's
+        window and guesses) say from their config's keys how large a step can get; ``tree=`` then
+        plays no part. Their ``propose(ids, max_depth)`` returns a chain or a `Draft` with its tree."""
+        return None
+
     def prepare(self, prompts: list[list[int]]) -> None:
         """Every prompt of the run, before the first is decoded."""
 
@@ -71,6 +79,11 @@ class Drafter:
     def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
         """The target's logits [m, V] after each of ``inputs`` [m]: the root and the accepted draft
         tokens of the step just verified (their contexts were all the target's own tokens)."""
+
+    def on_verified(self, draft: Draft, logits: torch.Tensor, path: list[int]) -> None:
+        """The target's logits [n + 1, V] for the root and every node of ``draft`` (rejected ones
+        too) and the accepted path (node indices): for drafts that iterate on the target's own
+        predictions (Jacobi, lookahead). Called after every step that sent a draft."""
 
     def on_hidden(self, hidden: torch.Tensor) -> None:
         """``reads_hidden`` drafts only: the target's final hidden state [H] (its output layer's input)

@@ -16,7 +16,7 @@ from specsweep.core.draft import Draft, Drafter
 from specsweep.core.draft_length import LengthPolicy
 from specsweep.core.runner import Runner
 from specsweep.core.sampling import Sampling, greedy_tokens, sample
-from specsweep.core.tree import DynamicTreeSpec, Tree, draft_nodes
+from specsweep.core.tree import DynamicTreeSpec, SelfShaped, Tree, draft_nodes
 from specsweep.core.verify import verify_greedy, verify_stochastic, verify_tree_greedy, verify_tree_stochastic
 
 
@@ -60,8 +60,8 @@ def synchronize(device: torch.device) -> None:
 class Engine:
     """Speculative decoding of one target with one drafter (``drafter=None``: autoregressive).
 
-    ``shape`` is the draft per step: an int (a chain of that many tokens), a `Tree` or a
-    `DynamicTreeSpec`. Trees are verified in one target forward with a tree attention mask.
+    ``shape`` is the draft per step: an int (a chain of that many tokens), a `Tree`, a
+    `DynamicTreeSpec` or `SelfShaped` (the drafter shapes each step). Trees are verified in one target forward with a tree attention mask.
     ``runner`` holds the target's KV cache and runs its forwards (`specsweep.backends.target`).
     ``length_policy`` (`draft.length_policy: cost`) cuts each chain proposal to the length that pays
     for its verify cost, and times the verify steps it runs (`specsweep.core.draft_length`).
@@ -71,7 +71,7 @@ class Engine:
         self,
         target,
         drafter: Drafter | None,
-        shape: int | Tree | DynamicTreeSpec,
+        shape: int | Tree | DynamicTreeSpec | SelfShaped,
         sampling: Sampling,
         max_new_tokens: int,
         eos_token_ids: list[int],
@@ -104,6 +104,8 @@ class Engine:
     def _propose(self, ids: torch.Tensor, room: int) -> Draft:
         """The drafter's proposal for this step, never deeper than ``room`` tokens."""
         shape = self.shape
+        if isinstance(shape, SelfShaped):
+            return self.drafter.propose(ids, min(shape.depth, room))
         if isinstance(shape, Tree) and shape.is_chain:
             return self.drafter.propose(ids, min(shape.num_nodes, room))
         if isinstance(shape, DynamicTreeSpec):
@@ -184,6 +186,8 @@ class Engine:
                 # the root's and the accepted nodes' logits (a chain's are the first rows: no copy)
                 scored = logits[:accepted + 1] if draft.tree is None else logits[[0] + [1 + i for i in path]]
                 self.drafter.on_scored(torch.cat([ids[0, cache_len:length], draft.tokens[path]]), scored)
+                if n:
+                    self.drafter.on_verified(draft, logits, path)
             if self.reads_hidden:  # where the target chose the next root: the deepest accepted node's row
                 self.drafter.on_hidden(self.runner.hidden()[1 + path[-1] if path else 0])
             for i, t in enumerate(new):  # stop at the first EOS, even inside the accepted draft

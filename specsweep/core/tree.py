@@ -65,6 +65,21 @@ class DynamicTreeSpec:
 
 
 @dataclass(frozen=True)
+class SelfShaped:
+    """The steps of a draft that shapes each one itself (Jacobi's block, lookahead's window and
+    guesses, `Drafter.self_shaped`): at most ``nodes`` draft tokens, ``depth`` deep. ``largest`` is the
+    largest step's tree (None: chains), what the exactness probe verifies."""
+
+    nodes: int
+    depth: int
+    largest: Tree | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "depth"):
+            _require_positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
 class Tree:
     """An immutable, hashable draft tree; see the module docstring for the conventions."""
 
@@ -333,6 +348,12 @@ def load_paths(path_file: str | Path) -> list:
     return data
 
 
-def draft_nodes(shape: Tree | DynamicTreeSpec) -> int:
+#: what a run drafts per step
+StepShape = Tree | DynamicTreeSpec | SelfShaped
+
+
+def draft_nodes(shape: StepShape) -> int:
     """The most draft tokens one step of ``shape`` holds (the root not counted)."""
+    if isinstance(shape, SelfShaped):
+        return shape.nodes
     return shape.budget if isinstance(shape, DynamicTreeSpec) else shape.num_nodes

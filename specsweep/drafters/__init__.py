@@ -26,11 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from specsweep.backends.hardware import Hardware
 from specsweep.core.draft import Draft, Drafter
 from specsweep.core.sampling import Sampling
-from specsweep.core.tree import DynamicTreeSpec, Tree
+from specsweep.core.tree import DynamicTreeSpec, SelfShaped, StepShape, Tree
 from specsweep.errors import SpecsweepError
 
 APP_KEYS = ("_target_", "name", "length_policy")  # a draft config's keys that are not the class's
-SHAPES = {"chain": "chains", "tree": "trees", "dynamic": "dynamic trees"}
+SHAPES = {"chain": "chains", "tree": "trees", "dynamic": "dynamic trees", "self": "steps it shapes itself"}
 
 
 @dataclass
@@ -126,13 +126,33 @@ def _check_keys(cls: type[Drafter], params: dict, prefix: str) -> None:
         raise SpecsweepError(f"{prefix} ({cls.__name__}): {err}") from None
 
 
-def shape_kind(shape: Tree | DynamicTreeSpec) -> str:
+def shape_kind(shape: StepShape) -> str:
+    if isinstance(shape, SelfShaped):
+        return "self"
     if isinstance(shape, DynamicTreeSpec):
         return "dynamic"
     return "chain" if shape.is_chain else "tree"
 
 
-def check_draft(cfg, shape: Tree | DynamicTreeSpec) -> None:
+def step_shape(cfg, tree: Tree | DynamicTreeSpec) -> StepShape:
+    """The draft shape of every step: the ``tree=`` shape, or the steps a draft that shapes them
+    itself (Jacobi, lookahead) says it sends; such a draft takes the default ``tree=chain`` only
+    (a sweep over trees for it would repeat one run under other names)."""
+    cls = draft_class(cfg)
+    if cls is None or "self" not in cls.fills:
+        return tree
+    name = cfg.get("name") or cls.__name__
+    if not (isinstance(tree, Tree) and tree.is_chain):
+        raise SpecsweepError(f"draft={name} shapes every step itself (its own draft.* keys): leave tree=chain")
+    params = dict(_items(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg))
+    _check_keys(cls, params, "draft")
+    try:
+        return cls.self_shaped(params)
+    except ValueError as err:
+        raise SpecsweepError(f"draft: {err}") from None
+
+
+def check_draft(cfg, shape: StepShape) -> None:
     """Refuse, before anything is loaded, a draft config whose class (or a cascade level's) is
     unknown or takes other keys, and a draft/tree pairing the draft cannot fill."""
     cls = draft_class(cfg)

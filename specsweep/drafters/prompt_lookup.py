@@ -111,19 +111,36 @@ class PromptLookupDrafter(Drafter):
         return self.recycling.propose(self.tokens, draft, max_tokens,
                                       f"short_match:{matched}" if draft else "recycling", ids.device)
 
+    def _match(self, context: list[int]) -> tuple[int | None, int]:
+        """Where the committed text continues the longest suffix of ``context`` it holds, and that
+        suffix's length ((None, 0): none)."""
+        for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
+            start = self.next_after.get(tuple(context[len(context) - n:]))
+            if start is not None:
+                return start, n
+        return None, 0
+
+    def _copy(self, start: int, max_tokens: int) -> list[int]:
+        source = self.tokens[start:]  # p = length - start tokens; the copy repeats them (see above)
+        return (source * (max_tokens // len(source) + 1))[:max_tokens]
+
     def _lookup(self, max_tokens: int) -> tuple[list[int], bool, int]:
         """The continuation of the longest matching suffix, whether the match was strong, and its
         length (0: none)."""
-        tokens, length = self.tokens, len(self.tokens)
-        for n in range(min(self.max_ngram, length), self.min_ngram - 1, -1):
-            start = self.next_after.get(tuple(tokens[length - n:]))
-            if start is not None:
-                strong = n >= self.weak_ngram
-                if not strong and self.weak_tokens is not None:
-                    max_tokens = min(max_tokens, self.weak_tokens)
-                source = tokens[start:]  # p = length - start tokens; the copy repeats them (see above)
-                return (source * (max_tokens // len(source) + 1))[:max_tokens], strong, n
-        return [], False, 0
+        start, n = self._match(self.tokens)
+        if start is None:
+            return [], False, 0
+        strong = n >= self.weak_ngram
+        if not strong and self.weak_tokens is not None:
+            max_tokens = min(max_tokens, self.weak_tokens)
+        return self._copy(start, max_tokens), strong, n
+
+    def continuation(self, ids: torch.Tensor, context: list[int], max_tokens: int) -> list[int]:
+        """Up to ``max_tokens`` tokens continuing ``context`` (the committed ``ids`` [1, L] and guesses
+        after them) where the committed text holds its longest suffix; [] where it holds none."""
+        self._extend(ids)
+        start, _ = self._match(context)
+        return [] if start is None else self._copy(start, max_tokens)
 
     def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
         if self.recycling is not None:
