@@ -20,7 +20,7 @@ from specsweep.core.draft import Draft, Drafter
 from specsweep.core.engine import Engine
 from specsweep.core.sampling import Sampling, greedy_tokens
 from specsweep.core.tree import Tree
-from specsweep.drafters import BuildContext, build_drafter, check_draft, draft_class, model_paths
+from specsweep.drafters import BuildContext, build_drafter, check_draft, draft_class, model_paths, step_shape
 from specsweep.drafters.bigram import BigramDrafter, count_bigrams, load_csdrafting_json
 from specsweep.drafters.cascade import CascadeDrafter
 from specsweep.drafters.layer_skip import LayerSkipDrafter, kept_layers
@@ -252,7 +252,8 @@ def test_every_draft_config_names_its_class_and_holds_its_keys(name):
     cfg = compose_cfg([f"draft={name}"])
     cls = draft_class(cfg.draft)
     assert (cls is None) == (name == "none") and cfg.draft.name == name
-    check_draft(cfg.draft, Tree.chain(4))  # the class takes exactly the YAML's keys (cascade levels too)
+    # the class takes exactly the YAML's keys (cascade levels too); Jacobi and lookahead shape their steps
+    check_draft(cfg.draft, step_shape(cfg.draft, Tree.chain(4)))
     paths = model_paths(cfg.draft) if name != "model" else {}  # draft=model's path is ??? until given
     expected = {"160m": {"draft.path"}, "7b": {"draft.path"}, "cascade-160m": {"draft.levels.0.path"}}
     assert set(paths) == expected.get(name, set())
