@@ -133,7 +133,7 @@ def test_the_window_is_a_tree_whose_ancestors_are_the_papers_mask():
 
     for level in range(1, n - 1):
         for j in range(w):
-            expected = {node(0, i) for i in range(1, j + 1)} | {node(l, j) for l in range(1, level + 1)}
+            expected = {node(0, i) for i in range(1, j + 1)} | {node(k, j) for k in range(1, level + 1)}
             assert set(tree.ancestry(node(level, j))) == expected
             assert tree.depths[node(level, j)] == level + j
 

@@ -16,7 +16,7 @@ from specsweep.core.draft import Draft, Drafter
 from specsweep.core.draft_length import LengthPolicy
 from specsweep.core.runner import Runner
 from specsweep.core.sampling import Sampling, greedy_tokens, sample
-from specsweep.core.tree import DynamicTreeSpec, SelfShaped, Tree, draft_nodes
+from specsweep.core.tree import DynamicTreeSpec, SelfShaped, StepShape, Tree, draft_nodes
 from specsweep.core.verify import verify_greedy, verify_stochastic, verify_tree_greedy, verify_tree_stochastic
 
 
@@ -61,7 +61,8 @@ class Engine:
     """Speculative decoding of one target with one drafter (``drafter=None``: autoregressive).
 
     ``shape`` is the draft per step: an int (a chain of that many tokens), a `Tree`, a
-    `DynamicTreeSpec` or `SelfShaped` (the drafter shapes each step). Trees are verified in one target forward with a tree attention mask.
+    `DynamicTreeSpec` or `SelfShaped` (the drafter shapes each step). Trees are verified in one
+    target forward with a tree attention mask.
     ``runner`` holds the target's KV cache and runs its forwards (`specsweep.backends.target`).
     ``length_policy`` (`draft.length_policy: cost`) cuts each chain proposal to the length that pays
     for its verify cost, and times the verify steps it runs (`specsweep.core.draft_length`).
@@ -71,7 +72,7 @@ class Engine:
         self,
         target,
         drafter: Drafter | None,
-        shape: int | Tree | DynamicTreeSpec | SelfShaped,
+        shape: int | StepShape,
         sampling: Sampling,
         max_new_tokens: int,
         eos_token_ids: list[int],
