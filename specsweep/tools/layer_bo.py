@@ -296,7 +296,8 @@ def improvements(trials: list[dict]) -> list[dict]:
 
 def _command(config: DictConfig) -> str:
     """The sweep's command line: its overrides, hydra.* ones (n_trials, ...) included."""
-    return " ".join(["python -m specsweep -m", *config.hydra.overrides.task, *config.hydra.overrides.hydra])
+    hydra = [o for o in config.hydra.overrides.hydra if not o.startswith("hydra.mode=")]  # -m says it
+    return " ".join(["python -m specsweep -m", *config.hydra.overrides.task, *hydra])
 
 
 def summarize(config: DictConfig, sweep_dir: Path, wall_s: float | None = None) -> dict | None:
