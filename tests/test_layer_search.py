@@ -43,8 +43,10 @@ def test_trajectory_grows_one_layer_per_step(scorer, candidates):
     with torch.inference_mode():
         trajectory = greedy_search(scorer, max_skip=4, max_gamma=8, candidates=candidates)
         exits = early_exits(scorer, max_skip=4, max_gamma=8)
-    previous = set()
+    previous, evaluations = set(), 0
     for k, row in enumerate(trajectory, 1):
+        evaluations += len(row["candidates"])
+        assert row["evaluations"] == evaluations  # skip sets scored so far (layer_skip_bo counts its trials so)
         assert len(row["skipped"]) == k and previous < set(row["skipped"])
         assert row["agreement"] == max(row["candidates"].values())
         assert len(row["candidates"]) == (5 - k + 1 if candidates is None or k == 1 else min(candidates, 5 - k + 1))

@@ -27,6 +27,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -156,17 +157,18 @@ def greedy_search(scorer: AgreementScorer, max_skip: int, max_gamma: int, candid
     removal score is highest (None: every layer): a layer that hurt a lot one round rarely becomes
     the best choice the next, and later rounds then cost candidates/layers as much.
     """
-    kept, trajectory, latest = list(range(scorer.num_layers)), [], {}
+    kept, trajectory, latest, evaluations = list(range(scorer.num_layers)), [], {}, 0
     for step in range(1, max_skip + 1):
         start = time.perf_counter()
         pool = kept if candidates is None or not latest else sorted(kept, key=latest.get, reverse=True)[:candidates]
         scores = scorer.removal_scores(kept, pool)
         latest.update(scores)
+        evaluations += len(scores)
         layer = max(scores, key=scores.get)  # ties: the lowest layer index
         kept.remove(layer)
         skipped = sorted(set(range(scorer.num_layers)) - set(kept))
         trajectory.append({**_estimate(scores[layer], len(kept), scorer.num_layers, max_gamma), "skipped": skipped,
-                           "removed": layer, "candidates": scores})
+                           "removed": layer, "candidates": scores, "evaluations": evaluations})
         log.info("skip %d layer(s): +layer %d, agreement %.3f (%d candidates, %.0f s)", step, layer, scores[layer],
                  len(scores), time.perf_counter() - start)
     return trajectory
@@ -249,10 +251,23 @@ def job(cfg: DictConfig, run_dir: Path, choices: dict | None = None, group: str 
     return run(cfg, run_dir)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    search = cfg.search
-    start = time.perf_counter()
-    dataset = OmegaConf.merge(cfg.dataset, {"offset": search.calibration.offset, "limit": search.calibration.limit})
+@dataclass
+class Calibration:
+    """A loaded target with its calibration: the scorer (target, sequences, reference top-1), the
+    prompts' records, the dataset settings they came from and the hardware profile."""
+
+    scorer: AgreementScorer
+    records: list[dict]
+    dataset: DictConfig
+    hardware: dict
+
+
+def load_calibration(cfg: DictConfig, settings: DictConfig, check=check_settings) -> Calibration:
+    """The target and its greedy continuations of ``settings.calibration`` {offset, limit} (replacing
+    the dataset's own), ``settings.continuation_tokens`` long; ``check(settings, target)`` refuses bad
+    settings once the target is loaded, before minutes of generation."""
+    dataset = OmegaConf.merge(cfg.dataset, {"offset": settings.calibration.offset,
+                                            "limit": settings.calibration.limit})
     records = datasets.load_prompts(dataset)
     if dataset.name == "humaneval" and dataset.offset + len(records) > FIRST_HELD_OUT:
         log.warning("calibration prompts overlap the benchmarks' held-out HumanEval problems (%d..163)",
@@ -261,12 +276,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     model_dir = models.resolve_model_dir(cfg.target.path, "target.path", cfg.cache_dir, cfg.download)
     tokenizer = models.load_tokenizer(model_dir)
     target = models.load_model(model_dir, hw)
-    num_layers = check_settings(search, target)
-
+    check(settings, target)
     with torch.inference_mode():
         sequences, prompt_lens = calibration(target, tokenizer, records, dataset.prompt_format,
-                                             search.continuation_tokens, hw.device)
+                                             settings.continuation_tokens, hw.device)
         scorer = AgreementScorer(target, sequences, prompt_lens)
+    return Calibration(scorer, records, dataset, hw.describe())
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    search = cfg.search
+    start = time.perf_counter()
+    calibrated = load_calibration(cfg, search)
+    scorer, records, dataset, num_layers = (calibrated.scorer, calibrated.records, calibrated.dataset,
+                                            calibrated.scorer.num_layers)
+    with torch.inference_mode():
         trajectory = greedy_search(scorer, search.max_skip, search.max_gamma, search.candidates)
         exits = early_exits(scorer, search.max_skip, search.max_gamma)
     chosen = max(trajectory, key=lambda row: row["predicted_speedup"])
@@ -296,9 +320,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
               "max_gamma": search.max_gamma, "candidates": search.candidates,
               "trajectory": trajectory, "early_exit": exits,
               "chosen": {k: chosen[k] for k in ("skipped", "agreement", "cost_ratio", "best_gamma",
-                                                "predicted_speedup")},
+                                                "predicted_speedup", "evaluations")},
               "draft_config": str(config_path), "installed": None if installed is None else str(installed),
-              "hardware": hw.describe(), "wall_s": time.perf_counter() - start}
+              "hardware": calibrated.hardware, "wall_s": time.perf_counter() - start}
     write_json(run_dir / SEARCH_JSON, result)
     console.print(_table(result))
     if chosen["predicted_speedup"] <= 1.0:
