@@ -43,26 +43,19 @@ def looping_target(seed=0):
     return tiny_llama(seed, vocab=32, init=0.6)
 
 
-@pytest.mark.parametrize("params", JACOBI, ids=lambda p: "-".join(map(str, p.values())))
+def make_drafter(params: dict, limit: int):
+    return jacobi(limit, **params) if "variant" in params else LookaheadDrafter(**params)
+
+
+@pytest.mark.parametrize("params", JACOBI + LOOKAHEAD, ids=lambda p: "-".join(map(str, p.values())))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_jacobi_is_the_targets_greedy_output(seed, params):
+def test_jacobi_and_lookahead_are_the_targets_greedy_output(seed, params):
     target = tiny_llama(seed)
     prompt = prompt_for(seed, 96)
     for limit in (1, 7, 40):
         expected = autoregressive(target, prompt, limit)
         assert expected == hf_greedy(target, prompt, limit)
-        assert engine(target, jacobi(limit, **params), params, limit).generate(prompt).output_ids == expected
-
-
-@pytest.mark.parametrize("params", LOOKAHEAD, ids=lambda p: "-".join(map(str, p.values())))
-@pytest.mark.parametrize("seed", [0, 1])
-def test_lookahead_is_the_targets_greedy_output(seed, params):
-    target = tiny_llama(seed)
-    prompt = prompt_for(seed, 96)
-    for limit in (1, 7, 40):
-        expected = autoregressive(target, prompt, limit)
-        assert expected == hf_greedy(target, prompt, limit)
-        assert engine(target, LookaheadDrafter(**params), params, limit).generate(prompt).output_ids == expected
+        assert engine(target, make_drafter(params, limit), params, limit).generate(prompt).output_ids == expected
 
 
 @pytest.mark.parametrize("make", [lambda: jacobi(60, variant="hgj", block=4, init="pad"),
