@@ -253,3 +253,17 @@ def test_a_bad_jacobi_variant_is_refused(tmp_path):
                            f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "draft.variant=gauss: choose one of pj, pgj, hgj" in proc.stderr
+
+
+def test_a_draft_that_shapes_its_own_steps_cannot_be_part_of_another():
+    """A union or cascade proposes its parts' chains: Jacobi and lookahead would never see the rows
+    of the drafts they proposed."""
+    from specsweep.drafters.cascade import CascadeDrafter
+    from specsweep.drafters.prompt_lookup import PromptLookupDrafter
+    from specsweep.drafters.union import UnionDrafter
+    from specsweep.errors import SpecsweepError
+
+    with pytest.raises(SpecsweepError, match="LookaheadDrafter shapes its own steps: it cannot be part of UnionDrafter"):
+        UnionDrafter(PromptLookupDrafter(), LookaheadDrafter(), 8)
+    with pytest.raises(SpecsweepError, match="JacobiDrafter shapes its own steps: it cannot be part of CascadeDrafter"):
+        CascadeDrafter([jacobi(16), PromptLookupDrafter()], ["jacobi", "prompt-lookup"], [[1, 1], [0, 1]])

@@ -95,6 +95,38 @@ class Drafter:
         return {}
 
 
+class ComposedDrafter(Drafter):
+    """A draft made of other drafts (a cascade's levels, a union's two sources): every part hears
+    what the engine tells the whole. The whole shapes the steps from its parts' chains, so a part
+    that shapes its own steps (Jacobi, lookahead: it needs every row of the drafts it proposed)
+    cannot be one."""
+
+    def __init__(self, parts: list[Drafter]):
+        for part in parts:
+            if "self" in type(part).fills:
+                raise SpecsweepError(f"{type(part).__name__} shapes its own steps: it cannot be part of "
+                                     f"{type(self).__name__}")
+        self.parts = list(parts)
+        self.reads_hidden = any(part.reads_hidden for part in self.parts)
+
+    def prepare(self, prompts: list[list[int]]) -> None:
+        for part in self.parts:
+            part.prepare(prompts)
+
+    def reset(self, prompt_ids: torch.Tensor) -> None:
+        for part in self.parts:
+            part.reset(prompt_ids)
+
+    def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        for part in self.parts:
+            part.on_scored(inputs, logits)
+
+    def on_hidden(self, hidden: torch.Tensor) -> None:
+        for part in self.parts:
+            if part.reads_hidden:
+                part.on_hidden(hidden)
+
+
 def fill_tree(tree: Tree, candidates: Callable[[list[int], int], list[int]], device: torch.device) -> Draft:
     """Fill a fixed tree shape from ranked next-token candidates (bigram, prompt lookup).
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from specsweep.core.draft import Draft, Drafter
+from specsweep.core.draft import ComposedDrafter, Draft, Drafter
 from specsweep.drafters.model import ModelDrafter
 from specsweep.errors import SpecsweepError
 
@@ -33,7 +33,7 @@ def check_k_matrix(k_matrix, levels: int) -> list[list[int]]:
     return rows
 
 
-class CascadeDrafter(Drafter):
+class CascadeDrafter(ComposedDrafter):
     fills = ("chain",)
 
     @classmethod
@@ -49,19 +49,16 @@ class CascadeDrafter(Drafter):
     def __init__(self, levels: list[Drafter], names: list[str], k_matrix):
         if len(levels) < 2:
             raise SpecsweepError("draft=cascade needs at least two levels")
-        self.levels, self.names = levels, names
+        super().__init__(levels)
+        self.names = names
         self.k = check_k_matrix(k_matrix, len(levels))
         # per level: tokens it was shown from the levels below, and how many of them it kept
         self.checked = [0] * len(levels)
         self.kept = [0] * len(levels)
 
-    def prepare(self, prompts: list[list[int]]) -> None:
-        for level in self.levels:
-            level.prepare(prompts)
-
-    def reset(self, prompt_ids: torch.Tensor) -> None:
-        for level in self.levels:
-            level.reset(prompt_ids)
+    @property
+    def levels(self) -> list[Drafter]:
+        return self.parts
 
     def propose(self, ids: torch.Tensor, max_tokens: int) -> Draft:
         tokens = self._draft(0, ids, max_tokens)
@@ -93,10 +90,6 @@ class CascadeDrafter(Drafter):
                 self.kept[level] += len(new) - 1
                 return new
         return drafter.propose(context, want).tokens.tolist()
-
-    def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
-        for level in self.levels:
-            level.on_scored(inputs, logits)
 
     def counters(self) -> dict:
         return {"levels": [

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from specsweep.core.draft import Draft, Drafter
+from specsweep.core.draft import ComposedDrafter, Draft
 from specsweep.core.tree import Tree
 from specsweep.errors import SpecsweepError
 
@@ -35,7 +35,7 @@ def merge(first: list[int], second: list[int], budget: int) -> tuple[list[int], 
     return first + rest, Tree(tuple(parents), tuple(ranks))
 
 
-class UnionDrafter(Drafter):
+class UnionDrafter(ComposedDrafter):
     fills = ("chain",)
 
     @classmethod
@@ -55,29 +55,12 @@ class UnionDrafter(Drafter):
         if max_verify_tokens is not None and budget + 1 > max_verify_tokens:
             raise SpecsweepError(f"draft.budget={budget}: a verify of {budget + 1} rows exceeds "
                                  f"hardware.max_verify_tokens={max_verify_tokens} (use {max_verify_tokens - 1})")
-        self.sources, self.budget = (first, second), budget
-        self.reads_hidden = any(d.reads_hidden for d in self.sources)
+        super().__init__([first, second])
+        self.budget = budget
         self.trees = self.chains = 0
 
-    def prepare(self, prompts: list[list[int]]) -> None:
-        for d in self.sources:
-            d.prepare(prompts)
-
-    def reset(self, prompt_ids: torch.Tensor) -> None:
-        for d in self.sources:
-            d.reset(prompt_ids)
-
-    def on_hidden(self, hidden: torch.Tensor) -> None:
-        for d in self.sources:
-            if d.reads_hidden:
-                d.on_hidden(hidden)
-
-    def on_scored(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
-        for d in self.sources:
-            d.on_scored(inputs, logits)
-
     def propose(self, ids: torch.Tensor, max_tokens: int) -> Draft:
-        a, b = (d.propose(ids, max_tokens) for d in self.sources)
+        a, b = (d.propose(ids, max_tokens) for d in self.parts)
         tokens, tree = merge(a.tokens.tolist(), b.tokens.tolist(), self.budget)
         if tree is None:
             self.chains += 1
@@ -87,4 +70,4 @@ class UnionDrafter(Drafter):
 
     def counters(self) -> dict:
         return {"tree_steps": self.trees, "chain_steps": self.chains,
-                **{f"{key}_counters": d.counters() for key, d in zip(("first", "second"), self.sources)}}
+                **{f"{key}_counters": d.counters() for key, d in zip(("first", "second"), self.parts)}}
