@@ -62,7 +62,7 @@ from specsweep.drafters.layer_skip import kept_layers
 from specsweep.errors import SpecsweepError
 from specsweep.tools.layer_search import (
     CONF_DRAFT,
-    AgreementScorer,
+    Calibration,
     _estimate,
     console,
     draft_config_text,
@@ -78,14 +78,10 @@ INVALID_OBJECTIVE = 0.0  # below every valid set's predicted speedup (> 0)
 
 
 @dataclass
-class Context:
+class Context(Calibration):
     """What every trial of one sweep shares: the loaded target with its calibration, and the
     agreement of every skip set scored so far (kept layers -> agreement)."""
 
-    scorer: AgreementScorer
-    records: list[dict]
-    dataset: DictConfig
-    hardware: dict
     scores: dict[tuple[int, ...], float] = field(default_factory=dict)
 
 
@@ -126,7 +122,7 @@ def context(cfg: DictConfig) -> Context:
     if key not in _contexts:
         check_settings(bo)
         calibrated = load_calibration(cfg, bo, check_settings)
-        _contexts[key] = Context(calibrated.scorer, calibrated.records, calibrated.dataset, calibrated.hardware)
+        _contexts[key] = Context(**vars(calibrated))
     return _contexts[key]
 
 
