@@ -263,7 +263,9 @@ def test_a_draft_that_shapes_its_own_steps_cannot_be_part_of_another():
     from specsweep.drafters.union import UnionDrafter
     from specsweep.errors import SpecsweepError
 
-    with pytest.raises(SpecsweepError, match="LookaheadDrafter shapes its own steps: it cannot be part of UnionDrafter"):
+    with pytest.raises(SpecsweepError,
+                       match="LookaheadDrafter shapes its own steps: it cannot be part of UnionDrafter"):
         UnionDrafter(PromptLookupDrafter(), LookaheadDrafter(), 8)
-    with pytest.raises(SpecsweepError, match="JacobiDrafter shapes its own steps: it cannot be part of CascadeDrafter"):
+    with pytest.raises(SpecsweepError,
+                       match="JacobiDrafter shapes its own steps: it cannot be part of CascadeDrafter"):
         CascadeDrafter([jacobi(16), PromptLookupDrafter()], ["jacobi", "prompt-lookup"], [[1, 1], [0, 1]])

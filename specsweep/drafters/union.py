@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from specsweep.core.draft import ComposedDrafter, Draft
+from specsweep.core.draft import ComposedDrafter, Draft, Drafter
 from specsweep.core.tree import Tree
 from specsweep.errors import SpecsweepError
 
