@@ -8,9 +8,12 @@ import pytest
 
 from specsweep.errors import SpecsweepError
 from specsweep.tools import bench
-from tests.conftest import CACHE_DIR
+from tests.conftest import CACHE_DIR, bf16_unsupported
+
+needs_bf16 = pytest.mark.skipif(bool(bf16_unsupported()), reason=bf16_unsupported() or "")
 
 
+@needs_bf16
 def test_bench_writes_rows_and_checks_every_output(tmp_path):
     argv = ["--limit", "1", "--max-new-tokens", "12", "--repeats", "2", "--threads", "1", "--cache-dir", str(CACHE_DIR),
             "--set", "hardware=cpu-bf16", "--ours", "ar=draft=none", "best=experiment=best",
@@ -30,6 +33,7 @@ def test_bench_writes_rows_and_checks_every_output(tmp_path):
     assert info["hardware"]["dtype"] == "bfloat16" and "--set hardware=cpu-bf16" in info["command"]
 
 
+@needs_bf16
 def test_a_strategy_on_other_hardware_than_the_shared_target_is_refused(tmp_path):
     with pytest.raises(SpecsweepError, match="pass --set hardware=cpu-bf16"):
         bench.main(["--limit", "1", "--max-new-tokens", "4", "--cache-dir", str(CACHE_DIR),
