@@ -10,7 +10,9 @@ from omegaconf import OmegaConf
 
 from specsweep.drafters.layer_skip import kept_layers
 from specsweep.errors import SpecsweepError
-from specsweep.tools.layer_search import AgreementScorer, check_settings, early_exits, expected_speedup, greedy_search
+from specsweep.core.stats import predicted_speedup
+from specsweep.tools.layer_costs import SkipCosts, measure, skip_costs
+from specsweep.tools.layer_search import AgreementScorer, check_settings, early_exits, greedy_search
 from tests.conftest import tiny_llama
 from tests.test_cli import specsweep
 
@@ -38,11 +40,16 @@ def test_removal_scores_reuse_the_prefix_exactly(scorer):
         assert scorer.removal_scores(kept, [3, 4]) == {3: scores[3], 4: scores[4]}
 
 
+# a draft step: 0.2 of a one-row forward for the embedding and head, 0.15 per kept layer of 5;
+# a verify of n rows: 1 + 0.1 (n - 1)
+COSTS = SkipCosts(5, {1: 0.35, 3: 0.65, 5: 0.95}, {n: 1.0 + 0.1 * (n - 1) for n in range(1, 10)}, 20, "given")
+
+
 @pytest.mark.parametrize("candidates", [None, 2])
 def test_trajectory_grows_one_layer_per_step(scorer, candidates):
     with torch.inference_mode():
-        trajectory = greedy_search(scorer, max_skip=4, max_gamma=8, candidates=candidates)
-        exits = early_exits(scorer, max_skip=4, max_gamma=8)
+        trajectory = greedy_search(scorer, COSTS, max_skip=4, max_gamma=8, candidates=candidates)
+        exits = early_exits(scorer, COSTS, max_skip=4, max_gamma=8)
     previous, evaluations = set(), 0
     for k, row in enumerate(trajectory, 1):
         evaluations += len(row["candidates"])
@@ -50,16 +57,43 @@ def test_trajectory_grows_one_layer_per_step(scorer, candidates):
         assert len(row["skipped"]) == k and previous < set(row["skipped"])
         assert row["agreement"] == max(row["candidates"].values())
         assert len(row["candidates"]) == (5 - k + 1 if candidates is None or k == 1 else min(candidates, 5 - k + 1))
-        assert row["cost_ratio"] == (5 - k) / 5 and 1 <= row["best_gamma"] <= 8
-        assert row["predicted_speedup"] == expected_speedup(row["agreement"], row["cost_ratio"], row["best_gamma"])
+        assert row["cost_ratio"] == pytest.approx(0.2 + 0.15 * (5 - k)) and 1 <= row["best_gamma"] <= 8
+        gamma = row["best_gamma"]
+        assert row["predicted_speedup"] == pytest.approx(predicted_speedup(
+            row["agreement"], gamma, gamma * row["cost_ratio"] + 1 + 0.1 * gamma))
         previous = set(row["skipped"])
     assert [e["exit_layer"] for e in exits] == [4, 3, 2, 1]
 
 
-def test_expected_speedup_follows_leviathan():
-    assert expected_speedup(1.0, 0.5, 4) == pytest.approx(5 / 3)
-    assert expected_speedup(0.0, 0.5, 4) == pytest.approx(1 / 3)
-    assert expected_speedup(0.8, 0.25, 3) == pytest.approx((1 - 0.8**4) / (0.2 * 1.75))
+def test_the_cost_model_counts_the_fixed_part_of_a_draft_step():
+    assert COSTS.draft_ratio(1) == pytest.approx(0.35) and COSTS.draft_ratio(0) == pytest.approx(0.2)
+    estimate = COSTS.estimate(0.8, 2, max_gamma=3)  # a draft step of 0.5
+    best = max(range(1, 4), key=lambda g: (1 - 0.8 ** (g + 1)) / 0.2 / (0.5 * g + 1 + 0.1 * g))
+    assert estimate["best_gamma"] == best and estimate["predicted_speedup"] == pytest.approx(
+        (1 - 0.8 ** (best + 1)) / 0.2 / (0.5 * best + 1 + 0.1 * best))
+    assert COSTS.estimate(0.0, 4, max_gamma=8)["best_gamma"] == 1  # nothing accepted: the shortest draft
+
+
+def test_a_verify_timed_cheaper_than_a_smaller_one_is_taken_at_the_smaller_cost():
+    costs = SkipCosts(2, {1: 0.5, 2: 1.0}, {1: 1.0, 2: 1.3, 3: 1.2}, 10, "given")
+    assert [costs.verify_ratio(n) for n in (1, 2, 3)] == pytest.approx([1.0, 1.25, 1.25])
+
+
+def test_costs_are_measured_once_per_machine_and_setting(scorer, tmp_path):
+    from specsweep.backends import hardware
+
+    hw = hardware.resolve(OmegaConf.create({"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa",
+                                            "threads": None}))
+    with torch.inference_mode():
+        measured = skip_costs(scorer.target, "tiny", hw, tmp_path, scorer.sequences[0], max_gamma=3)
+        again = skip_costs(scorer.target, "tiny", hw, tmp_path, scorer.sequences[0], max_gamma=3)
+        longer = skip_costs(scorer.target, "tiny", hw, tmp_path, scorer.sequences[0], max_gamma=4)
+    assert measured.source == "measured" and again.source.startswith("cache ") and longer.source == "measured"
+    assert sorted(measured.draft) == [1, 2, 5] and sorted(measured.verify) == [1, 2, 3, 4]
+    assert (again.draft, again.verify) == (measured.draft, measured.verify)
+    assert all(t > 0 for t in [*measured.draft.values(), *measured.verify.values()])
+    with torch.inference_mode():
+        assert sorted(measure(scorer.target, scorer.sequences[1], 1, rounds=1).verify) == [1, 2]
 
 
 @pytest.mark.parametrize("setting, message", [

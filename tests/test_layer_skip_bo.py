@@ -16,7 +16,7 @@ from specsweep.app.run import run_decode
 from specsweep.drafters.layer_skip import kept_layers
 from specsweep.errors import SpecsweepError
 from specsweep.tools import layer_bo
-from specsweep.tools.layer_search import expected_speedup
+from specsweep.core.stats import predicted_speedup
 from tests.test_cli import specsweep
 
 
@@ -52,9 +52,10 @@ def test_the_sweep_writes_every_trial_bo_json_and_a_draft_that_decodes(model_dir
         assert isinstance(t["objective"], float)
         if t["invalid"]:
             assert t["objective"] == 0.0 and t["agreement"] is None
-        else:
-            assert 1 <= len(t["skipped"]) <= 2 and t["objective"] == t["predicted_speedup"] == \
-                expected_speedup(t["agreement"], t["cost_ratio"], t["best_gamma"])
+        else:  # the measured costs, as bo.json records them
+            gamma, verify = t["best_gamma"], result["costs"]["verify_ratio"]
+            assert 1 <= len(t["skipped"]) <= 2 and t["objective"] == t["predicted_speedup"] == pytest.approx(
+                predicted_speedup(t["agreement"], gamma, gamma * t["cost_ratio"] + verify[str(gamma + 1)]))
     valid = {tuple(t["skipped"]) for t in trials if not t["invalid"]}
     assert [t["evaluations"] for t in trials][-1] == result["evaluations"] == len(valid)
     best = result["best"]
@@ -94,7 +95,9 @@ def test_a_valid_set_is_scored_once_per_process(model_dirs, prompts, tmp_path):
     cfg = composed(*settings(model_dirs, prompts, tmp_path), "++bo.skip.layer1=true", "++bo.skip.layer0=false")
     objective = layer_bo.job(cfg, tmp_path)
     first = json.loads((tmp_path / "trial.json").read_text())
-    assert first["skipped"] == [1] and first["cost_ratio"] == 2 / 3 and objective == first["predicted_speedup"] > 0
+    costs = first["costs"]  # the draft step: its fixed part and two of the three layers
+    assert first["cost_ratio"] == pytest.approx(costs["fixed_ratio"] + 2 * costs["per_layer_ratio"])
+    assert first["skipped"] == [1] and objective == first["predicted_speedup"] > 0
     assert kept_layers(3, None, first["skipped"]) == [0, 2]
     assert layer_bo.job(cfg, tmp_path) == objective  # the cached context and score: not scored again
     assert json.loads((tmp_path / "trial.json").read_text())["scored"] is False

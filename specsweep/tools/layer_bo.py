@@ -10,20 +10,15 @@ the greedy counterpart is ``experiment=layer_skip_search`` (`specsweep.tools.lay
 * Score and objective: the greedy search's own. The skip set's teacher-forced top-1 agreement with
   the full target over the target's greedy continuations of the same calibration prompts (HumanEval
   0..5 by default, disjoint from the benchmarks' 124..163), and Leviathan's predicted speedup from it
-  with the cost ratio c = kept/total layers, at the best draft length in 1..``max_gamma``
-  (`layer_search.expected_speedup`). The objective is this prediction, not a measured tokens/s: a
-  measured tokens/s per trial costs a decode per trial and is noisy on a shared CPU (run-to-run
-  spread of a few percent, as large as the gaps between neighbouring skip sets), while the
-  prediction is exactly what the greedy search maximises, so the two are compared on one objective
-  at equal numbers of evaluations.
+  with the draft step's and the verify's costs measured on this machine (`layer_costs`, cached, so
+  both searches rank sets by the same costs), at the best draft length in 1..``max_gamma``. The
+  objective is this prediction, not a measured tokens/s: a measured tokens/s per trial costs a
+  decode per trial and is noisy on a shared CPU (run-to-run spread of a few percent, as large as the
+  gaps between neighbouring skip sets), while the prediction is exactly what the greedy search
+  maximises, so the two are compared on one objective at equal numbers of evaluations.
 * An invalid set is not scored: its objective is 0.0, below every valid set's (a valid set's
   predicted speedup is > 0), and its trial says why. Invalid: no layer skipped, every layer, or
-  more than ``max_skip`` (12, the greedy search's range). The cap is there because c = kept/total
-  leaves out the embedding and the LM head, which every draft step runs: on SmolLM2-135M the head
-  is about a fifth of a token's products (576 x 49152 against 30 layers of 3.5M), so a draft of
-  one or two layers, right almost never, costs about a quarter of a step, not 1/30, and the
-  formula would still rate it near 1x. Inside the greedy search's range the error is small and
-  the same for both searches.
+  more than ``max_skip`` (null by default: no cap).
 * Cost: the model, the calibration continuations and the full model's top-1 load once per process
   (`context`, cached by what they depend on; Hydra's basic launcher runs every trial in this
   process, and the sweep's start loads them there first, so a bad setting stops the sweep in one
@@ -63,7 +58,6 @@ from specsweep.errors import SpecsweepError
 from specsweep.tools.layer_search import (
     CONF_DRAFT,
     Calibration,
-    _estimate,
     console,
     draft_config_text,
     load_calibration,
@@ -192,7 +186,7 @@ def score(ctx: Context, skipped: list[int], max_gamma: int, max_skip: int | None
     if scored:
         with torch.inference_mode():
             ctx.scores[tuple(kept)] = ctx.scorer.agreement(kept)
-    estimate = _estimate(ctx.scores[tuple(kept)], len(kept), count, max_gamma)
+    estimate = ctx.costs.estimate(ctx.scores[tuple(kept)], len(kept), max_gamma)
     return {**record, "invalid": None, **estimate, "objective": estimate["predicted_speedup"], "scored": scored,
             "score_s": time.perf_counter() - start}
 
@@ -217,7 +211,7 @@ def job(cfg: DictConfig, run_dir: Path, choices: dict | None = None, group: str 
               "calibration": {"dataset": ctx.dataset.name, "offset": ctx.dataset.offset,
                               "task_ids": [r["task_id"] for r in ctx.records]},
               "continuation_tokens": cfg.bo.continuation_tokens, "max_gamma": cfg.bo.max_gamma,
-              "max_skip": cfg.bo.max_skip, "hardware": ctx.hardware}
+              "max_skip": cfg.bo.max_skip, "costs": ctx.costs.describe(), "hardware": ctx.hardware}
     write_json(run_dir / TRIAL_JSON, record)
     if record["invalid"]:
         log.info("skip set %s: invalid (%s), objective %.1f%s", skipped, record["invalid"], record["objective"],
@@ -312,11 +306,13 @@ def summarize(config: DictConfig, sweep_dir: Path, wall_s: float | None = None) 
               "target": first["target"], "target_path": first["target_path"], "num_layers": first["num_layers"],
               "calibration": first["calibration"], "continuation_tokens": first["continuation_tokens"],
               "positions": first["positions"], "max_gamma": first["max_gamma"], "max_skip": first["max_skip"],
+              "costs": first["costs"],
               "sweeper": {"n_trials": sweeper.n_trials, "n_jobs": sweeper.n_jobs, "sampler": sampler,
                           "study_name": sweeper.get("study_name")},
               "trials": [{k: v for k, v in t.items() if k not in ("target", "target_path", "calibration", "hardware",
                                                                     "positions", "continuation_tokens", "max_gamma",
-                                                                    "max_skip", "num_layers")} for t in trials],
+                                                                    "max_skip", "num_layers", "costs")}
+                         for t in trials],
               "failed": failed, "best": None, "improvements": [
                   {k: r[k] for k in ("trial", "evaluations", "skipped", "agreement", "predicted_speedup")}
                   for r in rising],

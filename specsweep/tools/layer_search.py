@@ -10,11 +10,12 @@
 * Search: greedy backward elimination. Each round tries skipping each remaining layer (after the
   first round: the ``candidates`` most promising ones) and keeps the one that leaves agreement
   highest, up to ``max_skip`` layers; every round is recorded.
-* Speed: a draft token costs about c = kept/total of a target step and a verification about one
-  step, so with agreement a and draft length gamma the expected speedup is
-  (1 - a^(gamma+1)) / ((1 - a)(gamma c + 1)) (Leviathan et al., 2023). The chosen set is the one on
-  the trajectory (and the gamma in 1..max_gamma) that maximises it. Early exit with the same number
-  of layers is scored alongside for comparison. All figures are in-sample.
+* Speed: a draft token of a set keeping k layers costs c(k) one-row target forwards and a verify of
+  gamma + 1 rows v(gamma + 1), both measured on this machine (`specsweep.tools.layer_costs`: the
+  embedding and LM head every draft step runs are counted), so with agreement a the expected speedup
+  is (1 - a^(gamma+1)) / ((1 - a)(gamma c(k) + v(gamma + 1))) (Leviathan et al., 2023). The chosen set
+  is the one on the trajectory (and the gamma in 1..max_gamma) that maximises it. Early exit with the
+  same number of layers is scored alongside for comparison. All figures are in-sample.
 
 Writes ``search.json`` and a ready draft config ``layer-skip-<target name>.yaml`` into the run dir
 (and into ``conf/draft/`` with ``search.install=true``).
@@ -44,6 +45,7 @@ from specsweep.core.engine import Engine
 from specsweep.core.sampling import Sampling, greedy_tokens
 from specsweep.drafters.layer_skip import LayerSkipDrafter, skip_view
 from specsweep.errors import SpecsweepError
+from specsweep.tools.layer_costs import SkipCosts, skip_costs
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +55,6 @@ FIRST_HELD_OUT = 124  # the benchmarks hold out the last 40 HumanEval problems (
 
 # Hydra jobs log to files: don't squeeze tables into the 80 columns rich assumes off a terminal.
 console = Console(width=None if sys.stdout.isatty() else 160)
-
-
-def expected_speedup(agreement: float, cost_ratio: float, gamma: int) -> float:
-    """Leviathan et al.: expected tokens per step over the step's cost in target steps."""
-    if agreement >= 1.0:
-        tokens = gamma + 1.0
-    else:
-        tokens = (1.0 - agreement ** (gamma + 1)) / (1.0 - agreement)
-    return tokens / (gamma * cost_ratio + 1.0)
-
-
-def best_gamma(agreement: float, cost_ratio: float, max_gamma: int) -> tuple[int, float]:
-    return max(((g, expected_speedup(agreement, cost_ratio, g)) for g in range(1, max_gamma + 1)),
-               key=lambda pair: pair[1])
 
 
 def _swap_hidden(hidden: torch.Tensor):
@@ -150,7 +138,8 @@ class AgreementScorer:
         return scores
 
 
-def greedy_search(scorer: AgreementScorer, max_skip: int, max_gamma: int, candidates: int | None = None) -> list[dict]:
+def greedy_search(scorer: AgreementScorer, costs: SkipCosts, max_skip: int, max_gamma: int,
+                  candidates: int | None = None) -> list[dict]:
     """Greedy backward elimination; step k (1..max_skip) skips k layers and contains step k-1's set.
 
     The first round tries every layer. Later rounds try only the ``candidates`` layers whose latest
@@ -167,27 +156,21 @@ def greedy_search(scorer: AgreementScorer, max_skip: int, max_gamma: int, candid
         layer = max(scores, key=scores.get)  # ties: the lowest layer index
         kept.remove(layer)
         skipped = sorted(set(range(scorer.num_layers)) - set(kept))
-        trajectory.append({**_estimate(scores[layer], len(kept), scorer.num_layers, max_gamma), "skipped": skipped,
+        trajectory.append({**costs.estimate(scores[layer], len(kept), max_gamma), "skipped": skipped,
                            "removed": layer, "candidates": scores, "evaluations": evaluations})
         log.info("skip %d layer(s): +layer %d, agreement %.3f (%d candidates, %.0f s)", step, layer, scores[layer],
                  len(scores), time.perf_counter() - start)
     return trajectory
 
 
-def early_exits(scorer: AgreementScorer, max_skip: int, max_gamma: int) -> list[dict]:
+def early_exits(scorer: AgreementScorer, costs: SkipCosts, max_skip: int, max_gamma: int) -> list[dict]:
     """Early exit with the same layer counts as the trajectory: the first num_layers - k layers."""
     rows = []
     for k in range(1, max_skip + 1):
         exit_layer = scorer.num_layers - k
         agreement = scorer.agreement(list(range(exit_layer)))
-        rows.append({**_estimate(agreement, exit_layer, scorer.num_layers, max_gamma), "exit_layer": exit_layer})
+        rows.append({**costs.estimate(agreement, exit_layer, max_gamma), "exit_layer": exit_layer})
     return rows
-
-
-def _estimate(agreement: float, kept: int, total: int, max_gamma: int) -> dict:
-    cost_ratio = kept / total
-    gamma, speedup = best_gamma(agreement, cost_ratio, max_gamma)
-    return {"agreement": agreement, "cost_ratio": cost_ratio, "best_gamma": gamma, "predicted_speedup": speedup}
 
 
 def check_settings(search, target) -> int:
@@ -254,9 +237,10 @@ def job(cfg: DictConfig, run_dir: Path, choices: dict | None = None, group: str 
 @dataclass
 class Calibration:
     """A loaded target with its calibration: the scorer (target, sequences, reference top-1), the
-    prompts' records, the dataset settings they came from and the hardware profile."""
+    measured costs, the prompts' records, the dataset settings they came from and the hardware profile."""
 
     scorer: AgreementScorer
+    costs: SkipCosts
     records: list[dict]
     dataset: DictConfig
     hardware: dict
@@ -281,7 +265,8 @@ def load_calibration(cfg: DictConfig, settings: DictConfig, check=check_settings
         sequences, prompt_lens = calibration(target, tokenizer, records, dataset.prompt_format,
                                              settings.continuation_tokens, hw.device)
         scorer = AgreementScorer(target, sequences, prompt_lens)
-    return Calibration(scorer, records, dataset, hw.describe())
+    costs = skip_costs(target, cfg.target.path, hw, Path(cfg.cache_dir), sequences[0], settings.max_gamma)
+    return Calibration(scorer, costs, records, dataset, hw.describe())
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -291,8 +276,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     scorer, records, dataset, num_layers = (calibrated.scorer, calibrated.records, calibrated.dataset,
                                             calibrated.scorer.num_layers)
     with torch.inference_mode():
-        trajectory = greedy_search(scorer, search.max_skip, search.max_gamma, search.candidates)
-        exits = early_exits(scorer, search.max_skip, search.max_gamma)
+        trajectory = greedy_search(scorer, calibrated.costs, search.max_skip, search.max_gamma, search.candidates)
+        exits = early_exits(scorer, calibrated.costs, search.max_skip, search.max_gamma)
     chosen = max(trajectory, key=lambda row: row["predicted_speedup"])
 
     name = f"layer-skip-{cfg.target.name}"
@@ -318,7 +303,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                               "task_ids": [r["task_id"] for r in records]},
               "continuation_tokens": search.continuation_tokens, "positions": scorer.positions,
               "max_gamma": search.max_gamma, "candidates": search.candidates,
-              "trajectory": trajectory, "early_exit": exits,
+              "costs": calibrated.costs.describe(), "trajectory": trajectory, "early_exit": exits,
               "chosen": {k: chosen[k] for k in ("skipped", "agreement", "cost_ratio", "best_gamma",
                                                 "predicted_speedup", "evaluations")},
               "draft_config": str(config_path), "installed": None if installed is None else str(installed),
