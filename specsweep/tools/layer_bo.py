@@ -112,7 +112,7 @@ def context(cfg: DictConfig) -> Context:
     """The target and its calibration for ``cfg``: loaded once per process."""
     bo = cfg.bo
     key = _key(cfg.target.path, str(cfg.cache_dir), cfg.download, cfg.hardware, cfg.dataset,
-               bo.calibration, bo.continuation_tokens)
+               bo.calibration, bo.continuation_tokens, bo.max_gamma)  # max_gamma: the verify rows timed
     if key not in _contexts:
         check_settings(bo)
         calibrated = load_calibration(cfg, bo, check_settings)
