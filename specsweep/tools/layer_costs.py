@@ -60,10 +60,6 @@ class SkipCosts:
         rows = sorted(self.verify)  # a forward of more rows is taken to cost no less (timing noise)
         self._verify = dict(zip(rows, monotone([self.verify[n] for n in rows])))
 
-    @property
-    def max_gamma(self) -> int:
-        return max(self.verify) - 1
-
     def draft_ratio(self, kept: int) -> float:
         """A draft step keeping ``kept`` layers, in one-row target forwards."""
         return (self.fixed + self.per_layer * kept) / self._verify[1]
