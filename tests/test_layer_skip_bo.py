@@ -31,7 +31,8 @@ def settings(model_dirs, prompts, tmp_path) -> list[str]:
     """The tiny 3-layer target on two prompts, 6 continuation tokens each, sets of 1..2 layers."""
     return ["experiment=layer_skip_bo", "target=local", f"target.path={model_dirs['target']}", "dataset=jsonl",
             f"dataset.path={prompts}", "hardware=cpu", f"cache_dir={tmp_path / 'cache'}",
-            "bo.calibration.limit=2", "bo.continuation_tokens=6", "bo.max_skip=2"]
+            "bo.calibration.limit=2", "bo.continuation_tokens=6", "bo.max_skip=2",
+            "bo.skip_prior=0.5"]  # of 3 layers: the default 0.2 would skip none in half the proposals
 
 
 def composed(*overrides: str, hydra: bool = False):
@@ -62,7 +63,9 @@ def test_the_sweep_writes_every_trial_bo_json_and_a_draft_that_decodes(model_dir
     assert best["predicted_speedup"] == max(t["objective"] for t in trials)
     optimization = yaml.safe_load((sweep / "optimization_results.yaml").read_text())  # the sweeper's own
     assert optimization["best_value"] == pytest.approx(best["predicted_speedup"])
-    assert sorted(int(k.rsplit("layer", 1)[1]) for k, v in optimization["best_params"].items() if v) == best["skipped"]
+    assert result["skip_prior"] == 0.5 and all(0 <= v <= 1 for v in optimization["best_params"].values())
+    assert sorted(int(k.rsplit("layer", 1)[1]) for k, v in optimization["best_params"].items() if v < 0.5) == \
+        best["skipped"]
     assert "layer-skip BO on local" in proc.stdout and "evaluations" in proc.stdout
 
     # the draft config: the greedy search's format, accepted by draft=... as any file of conf/draft/
@@ -109,16 +112,24 @@ def test_a_skip_key_that_is_no_layer_is_refused(model_dirs, prompts, tmp_path):
         layer_bo.job(cfg, tmp_path)
 
 
-def test_the_search_space_is_one_boolean_per_layer_of_the_target(model_dirs, prompts, tmp_path):
+def test_the_search_space_is_one_value_per_layer_of_the_target(model_dirs, prompts, tmp_path):
     asked = {}
 
     class Trial:
-        def suggest_categorical(self, name, choices):
-            asked[name] = choices
+        def suggest_float(self, name, low, high):
+            asked[name] = (low, high)
 
     layer_bo.skip_space(composed(*settings(model_dirs, prompts, tmp_path)), Trial())
-    assert asked == {f"++bo.skip.layer{i}": [False, True] for i in range(3)}
+    assert asked == {f"++bo.skip.layer{i}": (0.0, 1.0) for i in range(3)}
     assert layer_bo.param_name(3, 30) == "bo.skip.layer03" and layer_bo.param_name(7, 101) == "bo.skip.layer007"
+
+
+def test_a_layer_is_skipped_below_the_prior_or_when_true():
+    skip = {"layer0": 0.19, "layer1": 0.2, "layer2": True, "layer3": False, "layer4": 0, "layer5": 1}
+    assert layer_bo.skipped_layers(skip, 6, 0.2) == [0, 2, 4]
+    for value in (1.5, -0.1, "yes"):
+        with pytest.raises(SpecsweepError, match=r"bo.skip.layer1=.*: expected true, false or a value in \[0, 1\]"):
+            layer_bo.skipped_layers({"layer1": value}, 6, 0.2)
 
 
 def test_evaluations_count_distinct_valid_sets():
@@ -138,6 +149,8 @@ def test_evaluations_count_distinct_valid_sets():
     ("hydra.sweeper.storage=sqlite:///x.db", "hydra.sweeper.storage=sqlite:///x.db: only the in-memory study"),
     ("bo.max_gamma=0", "bo.max_gamma=0: must be >= 1"),
     ("bo.max_skip=0", "bo.max_skip=0: must be >= 1"),
+    ("bo.skip_prior=0", "bo.skip_prior=0: must be in (0, 1)"),
+    ("bo.skip_prior=1.0", "bo.skip_prior=1.0: must be in (0, 1)"),
     ("++bo.skip.layer1=true", "bo.skip: the sweeper sets it per trial"),
 ])
 def test_bad_sweep_settings_stop_before_any_trial_in_one_line(model_dirs, prompts, tmp_path, capsys, override, message):

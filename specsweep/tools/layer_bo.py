@@ -4,9 +4,15 @@
 the greedy counterpart is ``experiment=layer_skip_search`` (`specsweep.tools.layer_search`).
 
 * A trial is one job of this app (`job`). The sweeper (``hydra/sweeper: optuna``, TPE, seeded by
-  ``seed``) proposes a skip set as one boolean per layer, ``bo.skip.layerNN``; `skip_space` asks for
-  one per layer of the target it reads from the target's config, so the search space is always the
-  target's own layers, whatever their number (no list of 30 keys written for one model).
+  ``seed``) proposes a skip set as one value in [0, 1] per layer, ``bo.skip.layerNN``, and the layer
+  is skipped where its value is below ``bo.skip_prior``; `skip_space` asks for one per layer of the
+  target it reads from the target's config, so the search space is always the target's own layers,
+  whatever their number (no list of 30 keys written for one model).
+* Why values and not one boolean per layer: TPE's random start draws each parameter uniformly, so
+  booleans give sets of half the layers, and TPE then stays among large sets that no cost makes
+  pay. Uniform values below ``skip_prior`` (0.2) skip a fifth of the layers at the start: a prior on
+  the set's size, which TPE then sharpens (docs/drafts.md has both spaces measured). By hand, with
+  no ``-m``, ``bo.skip.layerNN=true`` skips a layer as well.
 * Score and objective: the greedy search's own. The skip set's teacher-forced top-1 agreement with
   the full target over the target's greedy continuations of the same calibration prompts (HumanEval
   0..5 by default, disjoint from the benchmarks' 124..163), and Leviathan's predicted speedup from it
@@ -95,6 +101,9 @@ def check_settings(bo: DictConfig, target=None) -> None:
         raise SpecsweepError(f"bo.max_skip={bo.max_skip}: must be >= 1 (or null: no cap)")
     if bo.max_gamma < 1:
         raise SpecsweepError(f"bo.max_gamma={bo.max_gamma}: must be >= 1")
+    if not 0 < bo.skip_prior < 1:
+        raise SpecsweepError(f"bo.skip_prior={bo.skip_prior}: must be in (0, 1) (the share of layers a random "
+                             "proposal skips)")
     if bo.continuation_tokens < 1:
         raise SpecsweepError(f"bo.continuation_tokens={bo.continuation_tokens}: must be >= 1")
     if target is not None:
@@ -141,23 +150,30 @@ def param_name(layer: int, count: int) -> str:
 
 
 def skip_space(cfg: DictConfig, trial) -> None:
-    """``hydra.sweeper.custom_search_space``: one boolean per layer of the target, true = skipped.
-    The sweeper turns the trial's parameters into overrides; ``++`` adds each key to ``bo.skip``."""
+    """``hydra.sweeper.custom_search_space``: one value in [0, 1] per layer of the target, the layer
+    skipped below ``bo.skip_prior``. The sweeper turns the trial's parameters into overrides; ``++``
+    adds each key to ``bo.skip``."""
     count = num_layers(cfg)
     for layer in range(count):
-        trial.suggest_categorical(f"++{param_name(layer, count)}", [False, True])
+        trial.suggest_float(f"++{param_name(layer, count)}", 0.0, 1.0)
 
 
-def skipped_layers(skip: DictConfig | dict, count: int) -> list[int]:
-    """The layers ``bo.skip`` marks true; a key that is not a layer of the target is refused."""
+def skipped_layers(skip: DictConfig | dict, count: int, skip_prior: float) -> list[int]:
+    """The layers ``bo.skip`` marks skipped: true, or a value in [0, 1] below ``skip_prior`` (the
+    sweeper's); a key that is not a layer of the target, or another value, is refused."""
     skipped = []
     for name, value in (skip or {}).items():
         match = SKIP_KEY.match(str(name))
         if match is None or int(match.group(1)) >= count:
             raise SpecsweepError(f"bo.skip.{name}: not a layer of the target (bo.skip.layerNN, NN in 0..{count - 1})")
-        if not isinstance(value, bool):
-            raise SpecsweepError(f"bo.skip.{name}={value}: expected true or false")
-        if value:
+        if isinstance(value, bool):
+            skip_it = value
+        elif isinstance(value, (int, float)) and 0 <= value <= 1:
+            skip_it = value < skip_prior
+        else:
+            raise SpecsweepError(f"bo.skip.{name}={value}: expected true, false or a value in [0, 1] "
+                                 f"(skipped below bo.skip_prior={skip_prior})")
+        if skip_it:
             skipped.append(int(match.group(1)))
     return sorted(skipped)
 
@@ -205,13 +221,14 @@ def job(cfg: DictConfig, run_dir: Path, choices: dict | None = None, group: str 
     trial.json, return the objective (a float, as the sweeper needs)."""
     ctx = context(cfg)
     check_layers(cfg.bo, ctx.scorer.num_layers)
-    skipped = skipped_layers(cfg.bo.get("skip"), ctx.scorer.num_layers)
+    skipped = skipped_layers(cfg.bo.get("skip"), ctx.scorer.num_layers, cfg.bo.skip_prior)
     record = {"trial": _job_num(), **score(ctx, skipped, cfg.bo.max_gamma, cfg.bo.max_skip), "target": cfg.target.name,
               "target_path": cfg.target.path, "positions": ctx.scorer.positions,
               "calibration": {"dataset": ctx.dataset.name, "offset": ctx.dataset.offset,
                               "task_ids": [r["task_id"] for r in ctx.records]},
               "continuation_tokens": cfg.bo.continuation_tokens, "max_gamma": cfg.bo.max_gamma,
-              "max_skip": cfg.bo.max_skip, "costs": ctx.costs.describe(), "hardware": ctx.hardware}
+              "max_skip": cfg.bo.max_skip, "skip_prior": cfg.bo.skip_prior, "costs": ctx.costs.describe(),
+              "hardware": ctx.hardware}
     write_json(run_dir / TRIAL_JSON, record)
     if record["invalid"]:
         log.info("skip set %s: invalid (%s), objective %.1f%s", skipped, record["invalid"], record["objective"],
@@ -306,12 +323,12 @@ def summarize(config: DictConfig, sweep_dir: Path, wall_s: float | None = None) 
               "target": first["target"], "target_path": first["target_path"], "num_layers": first["num_layers"],
               "calibration": first["calibration"], "continuation_tokens": first["continuation_tokens"],
               "positions": first["positions"], "max_gamma": first["max_gamma"], "max_skip": first["max_skip"],
-              "costs": first["costs"],
+              "skip_prior": first["skip_prior"], "costs": first["costs"],
               "sweeper": {"n_trials": sweeper.n_trials, "n_jobs": sweeper.n_jobs, "sampler": sampler,
                           "study_name": sweeper.get("study_name")},
               "trials": [{k: v for k, v in t.items() if k not in ("target", "target_path", "calibration", "hardware",
                                                                     "positions", "continuation_tokens", "max_gamma",
-                                                                    "max_skip", "num_layers", "costs")}
+                                                                    "max_skip", "skip_prior", "num_layers", "costs")}
                          for t in trials],
               "failed": failed, "best": None, "improvements": [
                   {k: r[k] for k in ("trial", "evaluations", "skipped", "agreement", "predicted_speedup")}
@@ -334,7 +351,8 @@ def _write_draft(config: DictConfig, result: dict, sweep_dir: Path) -> tuple[str
     calibration = result["calibration"]
     notes = [f"Layer-skip draft for target={result['target']}, written by the layer-skip BO search on {when}:",
              f"  {result['command']}",
-             (f"Optuna TPE (seed {result['sweeper']['sampler'].get('seed')}) over one boolean per layer, "
+             (f"Optuna TPE (seed {result['sweeper']['sampler'].get('seed')}) over one value per layer (skipped "
+              f"below bo.skip_prior={result['skip_prior']}), "
              f"{len(result['trials'])} trials ({result['evaluations']} skip sets scored), on {result['positions']} "
              f"continuation tokens of {len(calibration['task_ids'])} {calibration['dataset']} prompts from offset "
              f"{calibration['offset']}."),
