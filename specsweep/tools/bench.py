@@ -132,6 +132,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.repeats < 1:
         raise SpecsweepError(f"--repeats {args.repeats}: must be >= 1")
+    env = environment()  # the code that runs: an edit made while the bench runs is not its commit
 
     common = [f"decode.max_new_tokens={args.max_new_tokens}", f"cache_dir={args.cache_dir}", *args.set]
     base = compose_cfg(common)
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
     for r in rows:
         if r["lossless"] == audit.DIVERGED:
             console.print(f"[red]DIVERGED[/red] {r['strategy']}: {r['worst_divergence']}")
-    write(Path(args.out), rows, argv, len(prompts), args, hw)
+    write(Path(args.out), rows, argv, len(prompts), args, hw, env)
     return 1 if any(r["lossless"] == audit.DIVERGED for r in rows) else 0
 
 
@@ -245,14 +246,13 @@ def _f(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def write(out: Path, rows: list[dict], argv, prompts: int, args, hw) -> None:
+def write(out: Path, rows: list[dict], argv, prompts: int, args, hw, env: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M")
     with (out / f"speed_{stamp}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    env = environment()
     command = "python -m specsweep.tools.bench " + " ".join(f"'{a}'" if " " in a else a for a in argv or sys.argv[1:])
     info = {"date": stamp, "command": command,
             "machine": f"{env['cpu'] or platform.machine()}, {env['cpu_count']} cores, "
