@@ -123,6 +123,7 @@ def test_app_writes_a_ready_draft_config(model_dirs, tmp_path):
     assert result["calibration"]["task_ids"] == ["prompts/1", "prompts/2"]
     assert [len(row["skipped"]) for row in result["trajectory"]] == [1, 2]
     assert [row["exit_layer"] for row in result["early_exit"]] == [2, 1]
+    assert {"git_commit", "lock_sha256", "cpu"} <= set(result["environment"])  # where the figures came from
     draft = OmegaConf.load(run_dir / "layer-skip-local.yaml")
     assert draft._target_ == "specsweep.drafters.layer_skip.LayerSkipDrafter" and draft.name == "layer-skip-local" and draft.exit_layer is None
     assert draft.skip_layers == result["chosen"]["skipped"]

@@ -66,6 +66,7 @@ def test_the_sweep_writes_every_trial_bo_json_and_a_draft_that_decodes(model_dir
     assert result["skip_prior"] == 0.5 and all(0 <= v <= 1 for v in optimization["best_params"].values())
     assert sorted(int(k.rsplit("layer", 1)[1]) for k, v in optimization["best_params"].items() if v < 0.5) == \
         best["skipped"]
+    assert {"git_commit", "lock_sha256", "cpu"} <= set(result["environment"])  # where the figures came from
     assert "layer-skip BO on local" in proc.stdout and "evaluations" in proc.stdout
 
     # the draft config: the greedy search's format, accepted by draft=... as any file of conf/draft/

@@ -58,7 +58,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from specsweep.app import models, summary
-from specsweep.app.results import ERROR, git_commit, lock_hash, write_atomic, write_json
+from specsweep.app.results import ERROR, environment, write_atomic, write_json
 from specsweep.drafters.layer_skip import kept_layers
 from specsweep.errors import SpecsweepError
 from specsweep.tools.layer_search import (
@@ -307,8 +307,9 @@ def _command(config: DictConfig) -> str:
     return " ".join(["python -m specsweep -m", *config.hydra.overrides.task, *hydra])
 
 
-def summarize(config: DictConfig, sweep_dir: Path, wall_s: float | None = None) -> dict | None:
-    """bo.json and the best set's draft config in ``sweep_dir``; None where no trial left a record."""
+def summarize(config: DictConfig, sweep_dir: Path, wall_s: float | None = None, env: dict | None = None) -> dict | None:
+    """bo.json and the best set's draft config in ``sweep_dir``; None where no trial left a record.
+    ``env``: `environment()` as the sweep started (its code, lock and CPU); None: as it is now."""
     trials, failed = load_trials(sweep_dir)
     if not trials:
         return None
@@ -335,7 +336,7 @@ def summarize(config: DictConfig, sweep_dir: Path, wall_s: float | None = None) 
                   for r in rising],
               "evaluations": trials[-1]["evaluations"], "optimization_results": optimization_results,
               "draft_config": None, "installed": None, "hardware": first["hardware"],
-              "git_commit": git_commit(), "lock_sha256": lock_hash(), "wall_s": wall_s}
+              "environment": env or environment(), "wall_s": wall_s}
     if rising:
         best = rising[-1]
         result["best"] = {k: best[k] for k in ("trial", "evaluations", "skipped", "agreement", "cost_ratio",
@@ -390,7 +391,7 @@ class BOSummary(Callback):
     config after the last."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.start = time.perf_counter()
+        self.start, self.environment = time.perf_counter(), environment()
         try:
             check_sweep(config)
             if _basic_launcher(config):  # the trials run in this process: load once, now
@@ -404,8 +405,8 @@ class BOSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         start = getattr(self, "start", None)
-        result = summarize(config, sweep_dir, None if start is None else time.perf_counter() - start) \
-            if sweep_dir.is_dir() else None
+        result = summarize(config, sweep_dir, None if start is None else time.perf_counter() - start,
+                           getattr(self, "environment", None)) if sweep_dir.is_dir() else None
         failed = [] if result is None else result["failed"]
         summary.failed_jobs[:] = [f["job"] for f in failed]
         if result is None:

@@ -38,7 +38,7 @@ from rich.table import Table
 
 from specsweep import CONF_DIR
 from specsweep.app import datasets, models
-from specsweep.app.results import write_atomic, write_json
+from specsweep.app.results import environment, write_atomic, write_json
 from specsweep.backends import hardware
 from specsweep.backends.target import DynamicTarget
 from specsweep.core.engine import Engine
@@ -271,7 +271,7 @@ def load_calibration(cfg: DictConfig, settings: DictConfig, check=check_settings
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     search = cfg.search
-    start = time.perf_counter()
+    start, env = time.perf_counter(), environment()  # the code, lock and CPU the search ran on
     calibrated = load_calibration(cfg, search)
     scorer, records, dataset, num_layers = (calibrated.scorer, calibrated.records, calibrated.dataset,
                                             calibrated.scorer.num_layers)
@@ -307,7 +307,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
               "chosen": {k: chosen[k] for k in ("skipped", "agreement", "cost_ratio", "best_gamma",
                                                 "predicted_speedup", "evaluations")},
               "draft_config": str(config_path), "installed": None if installed is None else str(installed),
-              "hardware": calibrated.hardware, "wall_s": time.perf_counter() - start}
+              "hardware": calibrated.hardware, "environment": env, "wall_s": time.perf_counter() - start}
     write_json(run_dir / SEARCH_JSON, result)
     console.print(_table(result))
     if chosen["predicted_speedup"] <= 1.0:
