@@ -20,7 +20,7 @@ from specsweep.drafters.trained import MedusaDrafter, SpeculatorDrafter
 from specsweep.errors import SpecsweepError
 from specsweep.tools import head_data
 from specsweep.tools.train_heads import IGNORE, Examples, accuracy, fit, head_logits, loss_of
-from tests.conftest import tiny_llama
+from tests.conftest import bf16_unsupported, tiny_llama
 from tests.test_greedy_lossless import hf_greedy
 from tests.test_stochastic import ALPHA, V, broken_no_residual, exact_law
 
@@ -264,7 +264,7 @@ def test_the_trainer_writes_heads_a_decode_job_then_uses(model_dirs, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"task_id": "a", "prompt": "def add(a, b):\n    return"}) + "\n")
     common = ["target=local", f"target.path={model_dirs['target']}", f"cache_dir={tmp_path / 'cache'}", "draft=medusa"]
-    train = ["experiment=train_heads", "logger=none", "hardware.dtype=float32", "train.heads=2", "train.vocab=64",
+    train = ["experiment=train_heads", "logger=none", "train.bf16=false", "train.heads=2", "train.vocab=64",
              "train.corpus_tokens=3000", "train.humaneval.limit=4", "train.generate.prompts=4",
              "train.generate.functions=4", "train.generate.new_tokens=16", "train.phase1_steps=20",
              "train.phase2_steps=10", "train.eval_every=10", "train.batch=64"]
@@ -281,7 +281,7 @@ def test_the_trainer_writes_heads_a_decode_job_then_uses(model_dirs, tmp_path):
     checkpoint = tmp_path / "cache" / "heads" / "local" / "medusa.pt"
     metrics = json.loads((tmp_path / "train1" / "metrics.json").read_text())
     assert metrics["checkpoint"] == str(checkpoint) and len(metrics["top1"]) == 2
-    assert metrics["data"]["generated_sequences"] == 8 and metrics["lock_sha256"]
+    assert metrics["data"]["generated_sequences"] == 8 and metrics["lock_sha256"] and metrics["bf16"] is False
     again = specsweep(*common, *train, f"hydra.run.dir={tmp_path / 'train2'}")
     assert again.returncode == 0 and "up to date" in again.stdout
     run = specsweep(*common, *decode, *heads, f"hydra.run.dir={tmp_path / 'decode'}")
@@ -301,6 +301,7 @@ def test_the_trainer_writes_heads_a_decode_job_then_uses(model_dirs, tmp_path):
     ("train.heads=0", "train.heads=0: must be an integer >= 1"),
     ("train.validation_every=abc", "train.validation_every='abc'"),
     ("train.lr=-1", "train.lr=-1: must be a positive number"),
+    ("train.bf16=maybe", "train.bf16='maybe': choose auto, true or false"),
     ("train.humaneval.limit=130", "held-out"),
     ("draft=prompt-lookup", "trains draft=medusa or draft=speculator"),
 ])
@@ -310,3 +311,21 @@ def test_bad_training_settings_are_refused_before_anything_loads(override, messa
 
     with pytest.raises(SpecsweepError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_settings(compose_cfg(["experiment=train_heads", override]))
+
+
+def test_train_bf16_auto_follows_the_cpu_and_true_is_refused_where_bf16_is_emulated(monkeypatch):
+    from specsweep.backends import hardware
+    from specsweep.tools import train_heads
+    from specsweep.tools.bench import compose_cfg
+
+    cpu = hardware.resolve(compose_cfg(["experiment=train_heads"]).hardware)
+    assert train_heads.use_bf16("auto", cpu) is (bf16_unsupported() is None)  # this machine's own kernels
+    assert train_heads.use_bf16(False, cpu) is False
+
+    def no_bf16(device, dtype, setting):
+        raise SpecsweepError(f"{setting}: this torch/CPU has no oneDNN bf16 support")
+
+    monkeypatch.setattr(train_heads, "check_supported", no_bf16)  # as on an AVX2-only CPU
+    assert train_heads.use_bf16("auto", cpu) is False
+    with pytest.raises(SpecsweepError, match=r"^train.bf16=true: this torch/CPU has no oneDNN bf16 support$"):
+        train_heads.use_bf16(True, cpu)

@@ -13,6 +13,7 @@ fingerprint; a checkpoint of the same settings, target and lock is kept rather t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -28,6 +29,7 @@ from specsweep.app import models
 from specsweep.app.results import METRICS, environment, lock_hash, write_json
 from specsweep.app.tracking import make_tracker
 from specsweep.backends import hardware
+from specsweep.backends.prepack import check_supported
 from specsweep.drafters import draft_class
 from specsweep.drafters.heads import new_heads, output_rows, save_checkpoint, target_fingerprint
 from specsweep.drafters.trained import HeadsDrafter
@@ -57,10 +59,28 @@ def check_settings(cfg: DictConfig) -> str:
             raise SpecsweepError(f"train.{key}={value!r}: must be an integer >= {low}")
     if train.phase1_steps + train.phase2_steps == 0:
         raise SpecsweepError("train.phase1_steps and train.phase2_steps are both 0: nothing to train")
+    if train.bf16 not in ("auto", True, False):
+        raise SpecsweepError(f"train.bf16={train.bf16!r}: choose auto, true or false")
     if not isinstance(train.lr, (int, float)) or not train.lr > 0:
         raise SpecsweepError(f"train.lr={train.lr!r}: must be a positive number")
     head_data.humaneval_prompts(train.humaneval.offset, train.humaneval.offset + train.humaneval.limit)
     return cls.kind
+
+
+def use_bf16(setting, hw: hardware.Hardware) -> bool:
+    """``train.bf16`` on this machine: bf16 products where oneDNN runs them (``auto``); ``true``
+    refused in one line where it does not (bf16 is emulated there, many times slower than fp32)."""
+    if setting is False:
+        return False
+    try:
+        check_supported(hw.device, torch.bfloat16, "train.bf16=true")
+    except SpecsweepError:
+        if setting is True:
+            raise
+        log.info("train.bf16=auto: no oneDNN bf16 kernels on this %s, so the data and the training run in fp32",
+                 hw.device.type)
+        return False
+    return True
 
 
 def data_settings(train: DictConfig) -> dict:
@@ -70,7 +90,8 @@ def data_settings(train: DictConfig) -> dict:
 
 def build_data(target, tokenizer, train: DictConfig, fingerprint: str, cache_dir: Path, progress) -> head_data.HeadData:
     settings = data_settings(train)
-    path = cache_dir / "heads" / f"data-{head_data.data_key({**settings, 'lock': lock_hash()}, fingerprint)}.pt"
+    key = {**settings, "lock": lock_hash(), "dtype": str(target.dtype)}  # the forwards' dtype: their hidden states
+    path = cache_dir / "heads" / f"data-{head_data.data_key(key, fingerprint)}.pt"
     data = head_data.load_data(path)
     if data is not None:
         log.info("training data: %s (cached)", path)
@@ -180,7 +201,7 @@ def fit(network, train_sets: list[Examples], steps: list[int], valid: Examples, 
         for _ in range(count):
             rows = torch.randint(len(examples), (train.batch,), generator=generator)
             h, tokens, labels = examples.batch(rows)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train.bf16):  # ~1.5x faster on bf16 CPUs
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train.bf16 is True):  # ~1.5x faster on bf16 CPUs
                 logits = head_logits(network, h, tokens, out, embed)
             loss = loss_of(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -202,9 +223,11 @@ def fit(network, train_sets: list[Examples], steps: list[int], valid: Examples, 
 def job(cfg: DictConfig, run_dir: Path, choices: dict | None = None, group: str | None = None) -> dict:
     """`experiment=train_heads`'s job (the app's job signature)."""
     kind = check_settings(cfg)
-    train = cfg.train
     checkpoint = Path(cfg.draft.checkpoint)
     hw = hardware.resolve(cfg.hardware)
+    train = OmegaConf.merge(cfg.train, {"bf16": use_bf16(cfg.train.bf16, hw)})  # auto resolved for this machine
+    if train.bf16:
+        hw = dataclasses.replace(hw, dtype=torch.bfloat16)  # the data's target forwards too
     model_dir = models.resolve_model_dir(cfg.target.path, "target.path", cfg.cache_dir, cfg.download)
     tokenizer = models.load_tokenizer(model_dir)
     target = models.load_model(model_dir, hw)
@@ -244,7 +267,7 @@ def job(cfg: DictConfig, run_dir: Path, choices: dict | None = None, group: str 
         history = fit(network, sets, [train.phase1_steps, train.phase2_steps], valid, out, embed, train,
                       tracker, progress)
         metrics = {"kind": kind, "checkpoint": str(checkpoint), "heads": train.heads, "vocab": int(vocab.numel()),
-                   "vocab_coverage": coverage, "data": data.summary,
+                   "vocab_coverage": coverage, "bf16": train.bf16, "data": data.summary,
                    "examples": {"phase1": len(sets[0]), "phase2": len(sets[1]), "validation": len(valid)},
                    "top1": history[-1]["top1"], "final_loss": history[-1]["loss"], "history": history,
                    "data_s": data_s, "train_s": time.perf_counter() - start - data_s,
@@ -267,5 +290,6 @@ def _table(metrics: dict) -> Table:
     for k, acc in enumerate(metrics["top1"], 1):
         table.add_row(str(k), f"{acc:.3f}")
     table.caption = (f"vocab {metrics['vocab']} tokens ({metrics['vocab_coverage']:.1%} of the target's choices); "
-                     f"data {metrics['data_s']:.0f} s, training {metrics['train_s']:.0f} s -> {metrics['checkpoint']}")
+                     f"data {metrics['data_s']:.0f} s, training {metrics['train_s']:.0f} s "
+                     f"({'bf16' if metrics.get('bf16') else 'fp32'}) -> {metrics['checkpoint']}")
     return table
