@@ -87,9 +87,15 @@ test-isa: setup  ## the exactness tests under each lower kernel path this CPU al
 test-slurm: setup  ## needs a running SLURM (bash launchers/local-slurm.sh)
 	SPECSWEEP_REQUIRE_SLURM=1 $(PY) -m pytest -q -m slurm $(ARGS)
 
-bench: setup  ## side-by-side speed: HF generate / prompt lookup vs ours -> results/bench/
-	$(PY) -m specsweep.tools.bench --offset 124 --limit 10 --max-new-tokens 200 --threads 1 --set hardware=cpu-bf16 \
-		--ours "ar=draft=none" "default=" "best=experiment=best" --hf generate prompt-lookup $(ARGS)
+# bf16 (hardware=cpu-bf16) where oneDNN has bf16 kernels on this CPU, fp32 (hardware=cpu) elsewhere:
+# the probe is the one that refuses cpu-bf16 there
+BF16_PROBE := import torch; from specsweep.backends.prepack import check_supported; \
+	check_supported(torch.device("cpu"), torch.bfloat16)
+
+bench: setup  ## side-by-side speed: HF generate / prompt lookup vs ours -> results/bench/ (bf16 where the CPU has it)
+	@hw=$$($(PY) -c '$(BF16_PROBE)' 2>/dev/null && echo cpu-bf16 || echo cpu); echo "make bench: hardware=$$hw"; \
+	set -x; $(PY) -m specsweep.tools.bench --offset 124 --limit 10 --max-new-tokens 200 --threads 1 --set hardware=$$hw \
+		--ours "ar=draft=none" "default=" "best=experiment=best hardware=$$hw" --hf generate prompt-lookup $(ARGS)
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)
