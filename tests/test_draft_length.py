@@ -255,3 +255,15 @@ def test_replay_predicts_speed_from_a_curve_and_runs_the_policy(tmp_path):
     assert rows["fixed"]["predicted_vs_ar"] > 0 and "lengths" in rows["cost"]["draft_length"]
     with pytest.raises(SpecsweepError, match="--curve"):
         replay.main([str(samples), "--ours", "cost=draft=prompt-lookup draft.length_policy=cost"])
+
+
+def test_a_loaded_model_is_frozen_so_the_verify_timing_keeps_no_graph_in_the_cache(model_dirs):
+    """The run times its verify curve outside inference mode: with trainable weights every timed
+    forward's activations stayed alive in the KV cache (20 GB for a 64-row curve on SmolLM2)."""
+    from specsweep.app import models
+
+    model = models.load_model(model_dirs["target"], Hardware(torch.device("cpu"), torch.float32, "sdpa"))
+    assert not any(p.requires_grad for p in model.parameters())
+    runner = DynamicTarget(model)
+    VerifyCosts(6).calibrate(runner, torch.tensor([[5, 6, 7, 8]]), lambda: None, rounds=1)
+    assert all(layer.keys.grad_fn is None and layer.values.grad_fn is None for layer in runner.cache.layers)

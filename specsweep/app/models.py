@@ -118,14 +118,16 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_model(model_dir: Path, hw: Hardware):
-    """The model in ``model_dir`` on the profile's device, dtype and attention (linears prepacked if asked)."""
+    """The model in ``model_dir`` on the profile's device, dtype and attention (linears prepacked if asked),
+    frozen: a forward outside ``torch.inference_mode`` (the verify-cost timing, a drafter's own) builds
+    no autograd graph, which the KV cache would otherwise keep alive, step after step."""
     from transformers import AutoModelForCausalLM
 
     from specsweep.backends import row_invariant
 
     row_invariant.register()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=hw.dtype, attn_implementation=hw.attn_implementation)
-    model = model.to(hw.device).eval()
+    model = model.to(hw.device).eval().requires_grad_(False)
     if hw.prepack_linear:
         prepack_linears(model, hw.row_block, hw.max_verify_tokens)
     return model
