@@ -212,7 +212,8 @@ def test_bench_json_carries_the_environment(tmp_path):
     from specsweep.tools import bench
 
     hw = SimpleNamespace(describe=lambda: {"device": "cpu", "dtype": "float32"})
-    bench.write(tmp_path, [{"strategy": "ar"}], ["--limit", "1"], 1, SimpleNamespace(max_new_tokens=4), hw)
+    bench.write(tmp_path, [{"strategy": "ar"}], ["--limit", "1"], 1, SimpleNamespace(max_new_tokens=4), hw,
+                results.environment())  # as main takes it, when the bench starts
     (path,) = tmp_path.glob("speed_*.json")
     info = json.loads(path.read_text())
     assert info["environment"]["lock_sha256"] == results.lock_hash()
