@@ -60,6 +60,25 @@ def test_repeats_decode_every_prompt_pass_after_pass(model_dirs, prompts, tmp_pa
     assert metrics["repeats"] == 2 and metrics["samples"] == 4
 
 
+def test_a_swept_key_reaches_only_the_drafts_that_have_it(model_dirs, prompts, tmp_path):
+    """The grid sweeper: draft=none has no max_ngram, so it runs once, without it; a key no draft
+    has is refused in one line before any job runs."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *base_args(model_dirs, prompts, tmp_path), "draft=none,prompt-lookup", f"hydra.sweep.dir={sweep}"]
+    proc = specsweep(*args, "draft.max_ngram=2,3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [(r["draft"], r["draft.max_ngram"], r["status"]) for r in rows] == [
+        ("none", "", "ok"), ("prompt-lookup", "2", "ok"), ("prompt-lookup", "3", "ok")]
+    assert "draft.max_ngram" in proc.stdout  # the table's column
+
+    proc = specsweep(*args, "draft.max_ngrams=2,3", f"hydra.sweep.dir={tmp_path / 'typo'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("specsweep: error: draft.max_ngrams=2: no job of this sweep "
+                                                    "has the key draft.max_ngrams")
+    assert not (tmp_path / "typo" / "0").exists()
+
+
 def test_multirun_summarises_every_job_and_reports_failures(model_dirs, prompts, tmp_path):
     sweep = tmp_path / "sweep"
     # the draft model's path in a draft config of the user's own (a draft takes only its own keys,

@@ -228,6 +228,36 @@ def test_teacher_forcing_right_padding_changes_no_row(target):
         assert torch.equal(c1, c2)
 
 
+class DigitTokenizer:
+    """Prompts of space-separated token ids, for head_data.generate on the tiny target."""
+
+    pad_token_id = 0
+
+    def __init__(self, eos: int):
+        self.eos_token_id = eos
+
+    def __call__(self, text: str):
+        return type("Encoded", (), {"input_ids": [int(t) for t in text.split()]})()
+
+
+def test_generated_text_keeps_the_states_teacher_forcing_would_compute(target):
+    """Phase 2's states come from generation itself: the same tokens as an unbatched greedy
+    continuation, and per position the state and the choice a teacher-forced forward gives."""
+    rows = [row[:n].tolist() for row, n in zip(PROMPTS[:5], (6, 2, 5, 1, 4))]
+    eos = hf_greedy(target, torch.tensor([rows[2]]), 12)[3]  # one continuation ends at EOS mid-way
+    alone = [hf_greedy(target, torch.tensor([r]), 12, eos=[eos]) for r in rows]
+    prompts = [" ".join(map(str, r)) for r in rows]
+    sequences, states = head_data.generate(target, DigitTokenizer(eos), prompts, 12, 3)
+    forced = head_data.teacher_forced(target, sequences, 512)
+    assert any(len(c) < 12 for c in alone)
+    for row, continuation, seq, (h, c), (h_tf, c_tf) in zip(rows, alone, sequences, states, forced):
+        if eos in continuation:
+            continuation = continuation[:continuation.index(eos) + 1]
+        assert seq == row + continuation[:-1] and h.shape[0] == c.numel() == len(seq)
+        assert c.tolist() == c_tf.tolist() and c[len(row) - 1:].tolist() == continuation
+        torch.testing.assert_close(h.float(), h_tf.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_two_chains_merge_into_a_trie():
     from specsweep.drafters.union import merge
 

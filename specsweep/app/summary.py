@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
@@ -49,7 +49,8 @@ def summary_rows(jobs: list[Job]) -> list[dict]:
     """One row per job dir: its choices, status, metrics or error, its speedup and its audit."""
     rows = []
     for job in jobs:
-        row = {"job": job.name, **{k: v for k, v in job.choices.items() if "/" not in k}, "status": job.status}
+        row = {"job": job.name, **{k: v for k, v in job.choices.items() if "/" not in k}, **override_values(job),
+               "status": job.status}
         if job.ok:
             row.update({k: job.value(k) for k in COLUMNS if k in job.metrics})
             if job.speedup is not None:
@@ -61,6 +62,21 @@ def summary_rows(jobs: list[Job]) -> list[dict]:
             row.update(error=job.error, log=str(job.path))
         rows.append(row)
     return rows
+
+
+def override_values(job: Job) -> dict:
+    """The job's value overrides (``draft.heads=3``), from the overrides.yaml Hydra writes in every
+    job dir: the table shows those that differ between jobs."""
+    path = job.path / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    values = {}
+    for item in OmegaConf.load(path):
+        key, _, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if "." in key and not key.startswith("hydra."):
+            values[key] = value
+    return values
 
 
 def uncertainty_columns(job: Job) -> dict:
@@ -119,12 +135,13 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> Path:
 def summary_table(rows: list[dict]) -> Table:
     choice_keys = [k for k in ("target", "draft", "tree", "dataset", "decode", "hardware")
                    if len({r.get(k) for r in rows}) > 1] or ["draft"]
+    choice_keys += [k for k in dict.fromkeys(k for r in rows for k in r if "." in k) if len({r.get(k) for r in rows}) > 1]
     shown = ("tokens_per_s", "speedup", "predicted", "acceptance_rate", "acceptance_length", "α1..α4", "pass_at_1")
     table = Table("job", *choice_keys, "status", *shown, "lossless", "≈ (not distinguishable)",
                   title="sweep summary (95% bootstrap intervals over prompts)")
     for row in rows:
         cells = (_cells(row) if row["status"] == "ok" else [row.get("error", "")[:60]] + [""] * (len(shown) - 1))
-        table.add_row(row["job"], *[str(row.get(k, "")) for k in choice_keys], row["status"], *cells, _lossless(row),
+        table.add_row(row["job"], *[str(row.get(k, "-")) for k in choice_keys], row["status"], *cells, _lossless(row),
                       row.get("not_distinguishable_from") or "")
     return table
 

@@ -9,8 +9,9 @@ Two phases, as seed 002 trains IBM's speculator:
    signatures with docstrings of standard-library functions from modules outside the benchmark's),
    so the heads learn what the target writes, not what people wrote.
 
-Each sequence is run through the target once, teacher-forced: per position its final hidden state
-(the output layer's input), the token there and the target's own next-token choice (argmax). The
+Per position, the data hold the target's final hidden state (the output layer's input), the token
+there and the target's own next-token choice (argmax): the corpus is run through the target once,
+teacher-forced; the generated text keeps the states its generation computed. The
 HumanEval problems the benchmarks hold out (124..163) are never read.
 """
 
@@ -113,22 +114,49 @@ def corpus_sequences(tokenizer, files: list[Path], prompts: list[dict], seq_len:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str], new_tokens: int, batch: int) -> list[list[int]]:
-    """Phase 2: prompt + the target's greedy continuation of ``new_tokens`` (batched, left-padded)."""
+def generate(model, tokenizer, prompts: list[str], new_tokens: int, batch: int, on_batch=None):
+    """Phase 2: prompt + the target's greedy continuation of ``new_tokens`` (batched, left-padded,
+    prompts of similar length together) -> (sequences, [(hidden [n, H] bf16, choices [n])]).
+
+    The hidden states are the ones generation computed (the final norm's output, caught by a hook),
+    so these sequences need no teacher-forced forward of their own. A generated token's choice is
+    the next generated token; a prompt token's is the output layer's argmax. The last token of each
+    continuation is left out: nothing ran on it."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
-    for i in range(0, len(prompts), batch):
-        encoded = [tokenizer(p).input_ids for p in prompts[i:i + batch]]
-        width = max(map(len, encoded))
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
-        result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                pad_token_id=pad)
-        for e, row in zip(encoded, result[:, width:].tolist()):
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id) + 1]
-            out.append(e + row)
-    return out
+    head = model.get_output_embeddings()
+    encoded = [tokenizer(p).input_ids for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    results: dict[int, tuple] = {}
+    for i in range(0, len(order), batch):
+        group = order[i:i + batch]
+        width = max(len(encoded[j]) for j in group)
+        ids = torch.tensor([[pad] * (width - len(encoded[j])) + encoded[j] for j in group], device=model.device)
+        mask = torch.tensor([[0] * (width - len(encoded[j])) + [1] * len(encoded[j]) for j in group],
+                            device=model.device)
+        states = []
+        hook = model.model.norm.register_forward_hook(lambda _module, _args, out: states.append(out))
+        try:
+            result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                    pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        finally:
+            hook.remove()
+        hidden = torch.cat(states, 1)  # [B, width + generated - 1, H]: every position a forward ran on
+        for row, j in enumerate(group):
+            generated = result[row, width:].tolist()
+            if tokenizer.eos_token_id in generated:
+                generated = generated[:generated.index(tokenizer.eos_token_id) + 1]
+            e = encoded[j]
+            start = width - len(e)
+            n = len(e) + len(generated) - 1
+            h = hidden[row, start:start + n]
+            choices = torch.tensor(generated, dtype=torch.long)
+            if len(e) > 1:
+                choices = torch.cat([head(h[:len(e) - 1]).argmax(-1).cpu(), choices])
+            results[j] = (e + generated[:-1], (h.to(torch.bfloat16).cpu(), choices))
+        if on_batch:
+            on_batch(len(group))
+    sequences = [results[j][0] for j in range(len(prompts))]
+    return sequences, [results[j][1] for j in range(len(prompts))]
 
 
 @torch.inference_mode()

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 console = Console()
 IGNORE = -100  # no label (past the sequence's end)
 POSITIVE = ("heads", "vocab", "seq_len", "corpus_tokens", "batch", "batch_tokens", "eval_every", "validation_every",
-            "generate.batch", "humaneval.limit")
-NON_NEGATIVE = ("phase1_steps", "phase2_steps", "generate.prompts", "generate.functions", "generate.new_tokens",
+            "generate.batch", "generate.new_tokens", "humaneval.limit")
+NON_NEGATIVE = ("phase1_steps", "phase2_steps", "generate.prompts", "generate.functions",
                 "humaneval.offset")
 
 
@@ -105,22 +105,21 @@ def build_data(target, tokenizer, train: DictConfig, fingerprint: str, cache_dir
     functions = head_data.function_prompts(files[::-1], gen.functions)  # from the other end of the file order
     log.info("training data: generating the target's continuations of %d prompts", len(prompts) + len(functions))
     task = progress.add_task("generating", total=len(prompts) + len(functions))
-    generated = []
-    for i in range(0, len(prompts + functions), gen.batch):
-        chunk = (prompts + functions)[i:i + gen.batch]
-        generated += head_data.generate(target, tokenizer, chunk, gen.new_tokens, gen.batch)
-        progress.update(task, advance=len(chunk))
-    sequences = corpus + generated
-    log.info("training data: %d corpus and %d generated sequences; teacher forcing", len(corpus), len(generated))
-    task = progress.add_task("teacher forcing", total=len(sequences))
-    forced = head_data.teacher_forced(target, sequences, train.batch_tokens,
+    generated, generated_states = head_data.generate(target, tokenizer, prompts + functions, gen.new_tokens, gen.batch,
+                                                     lambda n: progress.update(task, advance=n))
+    log.info("training data: %d corpus and %d generated sequences; teacher forcing the corpus",
+             len(corpus), len(generated))
+    task = progress.add_task("teacher forcing", total=len(corpus))
+    forced = head_data.teacher_forced(target, corpus, train.batch_tokens,
                                       lambda n: progress.update(task, advance=n))
+    sequences = corpus + generated
     summary = {"corpus_sequences": len(corpus), "corpus_tokens": sum(map(len, corpus)),
                "generated_sequences": len(generated), "generated_tokens": sum(map(len, generated)),
                "humaneval_problems": [he.offset, he.offset + he.limit - 1],
                "stdlib_files": len(files), "function_prompts": len(functions),
                "excluded_modules": list(train.exclude_modules)}
-    data = head_data.assemble(sequences, [1] * len(corpus) + [2] * len(generated), forced, summary)
+    data = head_data.assemble(sequences, [1] * len(corpus) + [2] * len(generated), forced + generated_states,
+                              summary)
     head_data.save_data(path, data)
     return data
 
