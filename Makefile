@@ -68,7 +68,7 @@ run: setup  ## a small sweep of the embedded SmolLM2-135M on HumanEval: AR vs pr
 # Medusa heads and the multi-stage speculator for the embedded target, trained on its own outputs
 # into the cache dir (specsweep/tools/train_heads.py; kept when up to date); draft=medusa and
 # draft=speculator find them there.
-drafts: setup  ## train the draft heads (medusa, speculator) for the embedded target (2 cores: ~8 min in bf16, ~30 in fp32)
+drafts: setup  ## train the draft heads (medusa, speculator) for the embedded target (2 cores: ~8 min in bf16, ~12 in fp32)
 	$(PY) -m specsweep -m experiment=train_heads draft=medusa,speculator $(ARGS)
 
 test: setup  ## the default suite (< 20 min on 2 cores); exit code 5 (no tests) fails
