@@ -58,14 +58,18 @@ class GridSweeper(BasicSweeper):
                      key, len(items))
         return batches
 
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        """Nothing left to check: ``applicable`` composed every job of the batch."""
+
     def applicable(self, overrides: list[str]) -> list[str]:
-        """``overrides`` less the value overrides whose key the job's composed config lacks."""
+        """``overrides`` less the value overrides whose key the job's composed config lacks; the
+        result is composed once here (a job that still fails raises its own composition error)."""
         loader = self.hydra_context.config_loader
         try:
             loader.load_sweep_config(master_config=self.config, sweep_overrides=overrides)
             return overrides
-        except ConfigCompositionException:
-            pass
+        except ConfigCompositionException as err:
+            error = err
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
         values = [i for i, o in enumerate(parsed)
                   if o.type is OverrideType.CHANGE and "." in o.key_or_group and not o.is_hydra_override()]
@@ -73,9 +77,13 @@ class GridSweeper(BasicSweeper):
             base = loader.load_sweep_config(master_config=self.config,
                                             sweep_overrides=[s for i, s in enumerate(overrides) if i not in values])
         except ConfigCompositionException:
-            return overrides  # the launch reports the error itself
+            raise error from None
         missing = {i for i in values if not _has(base, parsed[i].key_or_group)}
-        return [s for i, s in enumerate(overrides) if i not in missing]
+        if not missing:
+            raise error
+        kept = [s for i, s in enumerate(overrides) if i not in missing]
+        loader.load_sweep_config(master_config=self.config, sweep_overrides=kept)
+        return kept
 
 
 def _has(config: DictConfig, key: str) -> bool:
